@@ -1,0 +1,43 @@
+"""Small mitmproxy-side helpers shared by the addons (the only shared glue; logic lives in llmitm/).
+
+Addons find each other the mitmproxy way, by name through ``ctx.master.addons.get``, so each
+addon module still loads alone with ``-s`` and then falls back to defaults.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import ctx, http
+
+from llmitm import flowmeta
+from llmitm.config import GatewayConfig
+from llmitm.errors import JSON_HEADERS, error_body
+from llmitm.providers import ProviderStyle
+
+CONFIG_ADDON_NAME = "llmitm-config"
+_DEFAULT_CONFIG = GatewayConfig()
+
+
+def current_config() -> GatewayConfig:
+    """The validated configuration in force now (defaults when the config addon is absent)."""
+    addon = ctx.master.addons.get(CONFIG_ADDON_NAME)
+    config = getattr(addon, "config", None)
+    return config if isinstance(config, GatewayConfig) else _DEFAULT_CONFIG
+
+
+def provider_style(flow: http.HTTPFlow) -> ProviderStyle:
+    style = flow.metadata.get(flowmeta.PROVIDER_STYLE)
+    return "anthropic" if style == "anthropic" else "openai"
+
+
+def answer_error(flow: http.HTTPFlow, status: int, message: str, code: str,
+                 headers: dict[str, str] | None = None) -> None:
+    """Answer the flow from the gateway with a JSON error in the provider's shape."""
+    flow.response = http.Response.make(
+        status, error_body(provider_style(flow), status, message, code),
+        {**JSON_HEADERS, "x-llmitm-error": code, **(headers or {})},
+    )
+
+
+def add_comment(flow: http.HTTPFlow, line: str) -> None:
+    """Append a line to the flow comment (shown in mitmweb)."""
+    flow.comment = f"{flow.comment}\n{line}" if flow.comment else line

@@ -1,0 +1,85 @@
+"""A response-stream pipeline that several addons share on one flow.
+
+mitmproxy accepts one ``flow.response.stream`` callable per flow. Repair, recording and payments
+all need to see the streamed bytes, so the streaming addon installs one ``StreamPipeline`` and
+the others add stages (which may rewrite bytes) and taps (which only observe what the client
+receives, in order).
+
+Contract with mitmproxy (see research/mitmproxy.md): the callable is called per upstream chunk
+and once with ``b""`` at the end; it must never return ``b""`` mid-stream (that writes the HTTP/1
+chunked terminator), so it always returns a list without empty items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class StreamStage(Protocol):
+    """A byte transform on a stream: ``feed`` per chunk, ``finish`` once at the end."""
+
+    def feed(self, chunk: bytes) -> list[bytes]: ...
+
+    def finish(self) -> list[bytes]: ...
+
+
+StreamTap = Callable[[bytes], None]
+StreamEndTap = Callable[[], None]
+
+
+class StreamPipeline:
+    """Runs stages in order, then hands every outgoing piece to the taps."""
+
+    __slots__ = ("end_taps", "finished", "stages", "taps")
+
+    def __init__(self) -> None:
+        self.stages: list[StreamStage] = []
+        self.taps: list[StreamTap] = []
+        self.end_taps: list[StreamEndTap] = []
+        self.finished = False
+
+    def add_stage(self, stage: StreamStage) -> None:
+        self.stages.append(stage)
+
+    def add_tap(self, tap: StreamTap, on_end: StreamEndTap | None = None) -> None:
+        self.taps.append(tap)
+        if on_end is not None:
+            self.end_taps.append(on_end)
+
+    def __call__(self, data: bytes) -> list[bytes]:
+        if data:
+            pieces = self._through(0, [data])
+        else:
+            pieces = self._finish()
+        if self.taps:
+            for piece in pieces:
+                for tap in self.taps:
+                    tap(piece)
+            if not data:
+                for end in self.end_taps:
+                    end()
+        return pieces
+
+    def _through(self, start: int, pieces: list[bytes]) -> list[bytes]:
+        for stage in self.stages[start:]:
+            fed: list[bytes] = []
+            for piece in pieces:
+                fed.extend(stage.feed(piece))
+            pieces = fed
+            if not pieces:
+                return []
+        return [p for p in pieces if p]
+
+    def _finish(self) -> list[bytes]:
+        if self.finished:
+            return []
+        self.finished = True
+        out: list[bytes] = []
+        # What a stage emits at its end still has to pass the stages after it.
+        for index, stage in enumerate(self.stages):
+            tail = stage.finish()
+            if tail:
+                out.extend(self._through(index + 1, tail))
+        # Later stages were fed everything earlier ones emitted; now they may flush too.
+        return [p for p in out if p]

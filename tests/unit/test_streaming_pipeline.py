@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from llmitm.streaming import StreamPipeline
+
+
+class Upper:
+    def feed(self, chunk: bytes) -> list[bytes]:
+        return [chunk.upper()]
+
+    def finish(self) -> list[bytes]:
+        return [b"!"]
+
+
+class HoldUntilNewline:
+    """Holds a partial line back, like a frame assembler does."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.buf += chunk
+        head, sep, tail = self.buf.rpartition(b"\n")
+        self.buf = tail
+        return [head + sep] if sep else []
+
+    def finish(self) -> list[bytes]:
+        out, self.buf = self.buf, b""
+        return [out] if out else []
+
+
+def test_empty_pipeline_passes_chunks_and_never_returns_empty_bytes() -> None:
+    p = StreamPipeline()
+    assert p(b"abc") == [b"abc"]
+    assert p(b"") == []
+
+
+def test_stages_and_taps_see_client_bytes_in_order() -> None:
+    p = StreamPipeline()
+    p.add_stage(HoldUntilNewline())
+    p.add_stage(Upper())
+    seen: list[bytes] = []
+    ended: list[bool] = []
+    p.add_tap(seen.append, lambda: ended.append(True))
+    out = p(b"ab") + p(b"c\nd") + p(b"")
+    assert out == [b"ABC\n", b"D", b"!"]
+    assert seen == out and ended == [True]
+    assert p(b"") == []  # finishing twice emits nothing more
