@@ -38,6 +38,7 @@ from tests.harness.wire import default_reply
 
 SCRIPTS: list[dict[str, Any]] = []
 RECORDED: list[dict[str, Any]] = []
+RECORDING = True  # the benchmark turns recording off (--no-record) to keep memory flat
 
 
 def split_frames(frames: list[bytes], seed: int | None) -> list[bytes]:
@@ -73,6 +74,17 @@ def sse_file_frames(path: str) -> list[bytes]:
     return frames
 
 
+def header_script(request: Request) -> dict[str, Any]:
+    script: dict[str, Any] = {}
+    if "x-fake-frames" in request.headers:
+        script["frames"] = int(request.headers["x-fake-frames"])
+    if "x-fake-frame-delay" in request.headers:
+        script["frame_delay"] = float(request.headers["x-fake-frame-delay"])
+    if "x-fake-stamp" in request.headers:
+        script["stamp"] = True
+    return script
+
+
 def take_script(path: str) -> dict[str, Any] | None:
     for i, script in enumerate(SCRIPTS):
         suffix = script.get("path_suffix")
@@ -104,14 +116,16 @@ async def provider(request: Request) -> Response:
         "body_b64": base64.b64encode(raw).decode(), "received_at": time.time(),
         "first_sent_at": None, "last_sent_at": None, "http_version": request.scope.get("http_version"),
     }
-    RECORDED.append(record)
+    if RECORDING:
+        RECORDED.append(record)
     try:
         parsed: dict[str, Any] = json.loads(raw) if raw else {}
         if not isinstance(parsed, dict):
             parsed = {}
     except ValueError:
         parsed = {}
-    script = take_script(path) or {}
+    # Without a queued script, x-fake-* request headers steer the reply (used by scripts/bench).
+    script = take_script(path) or header_script(request)
     status = int(script.get("status", 200))
     headers = dict(script.get("headers", {}))
     frames_n = int(script.get("frames", 5))
@@ -132,12 +146,15 @@ async def provider(request: Request) -> Response:
                         headers={"content-type": "application/json", **headers})
     pieces = split_frames(frames, script.get("split_seed"))
     delay = float(script.get("frame_delay", 0.0))
+    stamp = bool(script.get("stamp"))
 
     async def body_iter() -> AsyncIterator[bytes]:
         for i, piece in enumerate(pieces):
             if i and delay:
                 await asyncio.sleep(delay)
             now = time.time()
+            if stamp:  # a frame that carries its own send time, for lag measurements
+                piece = b'data: {"seq":%d,"t":%.6f}\n\n' % (i, now)
             if record["first_sent_at"] is None:
                 record["first_sent_at"] = now
             record["last_sent_at"] = now
@@ -160,8 +177,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--certfile")
     parser.add_argument("--keyfile")
+    parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    global RECORDING
+    RECORDING = not args.no_record
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else Nagle adds ~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
     config = uvicorn.Config(app, log_level="warning", ssl_certfile=args.certfile,

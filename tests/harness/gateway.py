@@ -30,7 +30,7 @@ class Gateway:
     resolve: dict[str, int] = field(default_factory=dict)  # "api.openai.com:443" -> local port
     config_text: str | None = None
     extra_args: list[str] = field(default_factory=list)
-    script: Path = REPO / "addons" / "gateway.py"
+    script: Path | None = REPO / "addons" / "gateway.py"  # None: bare mitmdump
     env: dict[str, str] | None = None
     proc: Proc | None = None
     port: int = 0
@@ -41,8 +41,9 @@ class Gateway:
 
     def start(self, expect_failure: bool = False) -> Gateway:
         args = [MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0",
-                "--set", f"confdir={self.confdir}", "-s", str(self.script),
-                "--set", "connection_strategy=lazy"]
+                "--set", f"confdir={self.confdir}", "--set", "connection_strategy=lazy"]
+        if self.script is not None:
+            args += ["-s", str(self.script)]
         if self.upstream_ca is not None:
             args += ["--set", f"ssl_verify_upstream_trusted_ca={self.upstream_ca}"]
         for host, port in self.resolve.items():

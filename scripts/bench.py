@@ -1,0 +1,235 @@
+"""Measure what the gateway costs: direct vs bare mitmdump vs llmitm, on loopback, TLS both sides.
+
+Every route sends the same requests to the same local fake provider (``https://127.0.0.1:PORT``
+with ``Host: api.openai.com``, so llmitm recognises provider traffic while bare mitmdump needs no
+addon to reach it). Rounds are interleaved (the route order rotates each round) and ratios are
+computed within each round before taking medians, so drift on a shared machine cancels out.
+All loops are bounded; everything listens on 127.0.0.1 and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.harness.certs import make_test_certs  # noqa: E402
+from tests.harness.gateway import SYSTEM_CA_FILES, Gateway  # noqa: E402
+from tests.harness.procs import Proc  # noqa: E402
+
+# httpx writes headers and body separately; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+CHAT_BODY = {"model": "gpt-bench", "messages": [{"role": "user", "content": "hello"}]}
+
+
+@dataclass
+class Route:
+    name: str
+    proxy: str | None
+    verify: str
+
+
+@dataclass
+class Results:
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # measure -> route
+
+    def add(self, measure: str, route: str, value: float) -> None:
+        self.values.setdefault(measure, {}).setdefault(route, []).append(value)
+
+
+class Bench:
+    def __init__(self, upstream_port: int) -> None:
+        self.base = f"https://127.0.0.1:{upstream_port}"
+        self.headers = {"host": "api.openai.com"}
+
+    def client(self, route: Route) -> httpx.Client:
+        transport = httpx.HTTPTransport(proxy=route.proxy, verify=route.verify,
+                                        socket_options=NODELAY)
+        return httpx.Client(transport=transport, trust_env=False, timeout=30)
+
+    def latency_ms(self, route: Route, n: int) -> float:
+        with self.client(route) as c:
+            for _ in range(10):  # warm the connections up
+                c.post(f"{self.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = c.post(f"{self.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
+                samples.append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200
+        return statistics.median(samples)
+
+    def requests_per_second(self, route: Route, clients: int, per_client: int) -> float:
+        async def one(c: httpx.AsyncClient) -> None:
+            for _ in range(per_client):
+                r = await c.post(f"{self.base}/v1/chat/completions", json=CHAT_BODY,
+                                 headers=self.headers)
+                assert r.status_code == 200
+
+        async def run() -> float:
+            cs = [httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(proxy=route.proxy, verify=route.verify,
+                                                   socket_options=NODELAY),
+                trust_env=False, timeout=60) for _ in range(clients)]
+            try:
+                await asyncio.gather(*(c.post(f"{self.base}/v1/models", headers=self.headers)
+                                       for c in cs))
+                t0 = time.perf_counter()
+                await asyncio.gather(*(one(c) for c in cs))
+                return clients * per_client / (time.perf_counter() - t0)
+            finally:
+                await asyncio.gather(*(c.aclose() for c in cs))
+
+        return asyncio.run(run())
+
+    def sse_timing(self, route: Route, frames: int, delay: float) -> tuple[float, float]:
+        """(first frame ms after the request, median per-frame lag ms after it was sent)."""
+        with self.client(route) as c:
+            c.get(f"{self.base}/v1/models", headers=self.headers)  # open the connection
+            headers = {**self.headers, "x-fake-frames": str(frames),
+                       "x-fake-frame-delay": str(delay), "x-fake-stamp": "1"}
+            lags: list[float] = []
+            first = None
+            buf = b""
+            t0 = time.perf_counter()
+            with c.stream("POST", f"{self.base}/v1/chat/completions",
+                          json={**CHAT_BODY, "stream": True}, headers=headers) as resp:
+                for chunk in resp.iter_raw():
+                    now = time.time()
+                    if first is None:
+                        first = (time.perf_counter() - t0) * 1000
+                    buf += chunk
+                    while b"\n\n" in buf:
+                        frame, buf = buf.split(b"\n\n", 1)
+                        if frame.startswith(b"data: {"):
+                            lags.append((now - json.loads(frame[6:])["t"]) * 1000)
+        assert first is not None and len(lags) == frames + 3, len(lags)  # role, words, finish, [DONE]
+        return first, statistics.median(lags)
+
+    def burst(self, route: Route, frames: int) -> tuple[float, float]:
+        """(seconds to receive all frames, MB/s)."""
+        with self.client(route) as c:
+            c.get(f"{self.base}/v1/models", headers=self.headers)
+            headers = {**self.headers, "x-fake-frames": str(frames)}
+            t0 = time.perf_counter()
+            total = 0
+            with c.stream("POST", f"{self.base}/v1/chat/completions",
+                          json={**CHAT_BODY, "stream": True}, headers=headers) as resp:
+                for chunk in resp.iter_raw():
+                    total += len(chunk)
+            elapsed = time.perf_counter() - t0
+        assert total > frames * 100
+        return elapsed, total / elapsed / 1e6
+
+
+MEASURES: list[tuple[str, str, bool]] = [
+    # (key, label, lower is better)
+    ("latency", "JSON POST latency, 1 client (ms, median)", True),
+    ("rps", "JSON POST throughput, 16 clients (req/s)", False),
+    ("first", "SSE first frame (ms)", True),
+    ("lag", "SSE per-frame lag, frames 20 ms apart (ms, median)", True),
+    ("burst_s", "SSE burst of 2,000 frames (s)", True),
+    ("burst_mbs", "SSE burst throughput (MB/s)", False),
+]
+
+
+def run_round(bench: Bench, routes: list[Route], results: Results, quick: bool) -> None:
+    for route in routes:
+        results.add("latency", route.name, bench.latency_ms(route, 60 if quick else 300))
+        results.add("rps", route.name, bench.requests_per_second(route, 16, 10 if quick else 40))
+        first, lag = bench.sse_timing(route, 25, 0.02)
+        results.add("first", route.name, first)
+        results.add("lag", route.name, lag)
+        seconds, mbs = bench.burst(route, 2000)
+        results.add("burst_s", route.name, seconds)
+        results.add("burst_mbs", route.name, mbs)
+
+
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def table(results: Results, routes: list[Route], ratios: list[tuple[str, str]]) -> str:
+    names = [r.name for r in routes]
+    head = ["measure", *names, *(f"{a}/{b}" for a, b in ratios)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, _ in MEASURES:
+        per_route = results.values[key]
+
+        def fmt(v: float) -> str:
+            return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+
+        row = [label, *(spread(per_route[n], fmt) for n in names)]
+        for a, b in ratios:
+            within = [x / y for x, y in zip(per_route[a], per_route[b], strict=True)]
+            row.append(spread(within, lambda v: f"{v:.2f}x"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer requests per round")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "latest.md")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmitm-bench-"))
+    certs = make_test_certs(tmp / "testca")
+    fake = Proc([sys.executable, "-m", "tests.harness.fake_provider", "--no-record",
+                 "--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key)])
+    gateways: list[Gateway] = []
+    try:
+        port = json.loads(fake.wait_for(lambda s: s.startswith("{")))["port"]
+        quiet = ["--set", "flow_detail=0"]
+        bare = Gateway(confdir=tmp / "conf", workdir=tmp, upstream_ca=certs.ca_pem, script=None,
+                       extra_args=quiet)
+        gateways.append(bare.start())
+        llmitm = Gateway(confdir=tmp / "conf", workdir=tmp, upstream_ca=certs.ca_pem,
+                         extra_args=quiet)
+        gateways.append(llmitm.start())
+        bundle = tmp / "bundle.pem"
+        bundle.write_bytes(b"\n".join(
+            [Path(p).read_bytes() for p in SYSTEM_CA_FILES if Path(p).exists()]
+            + [certs.ca_pem.read_bytes(), bare.mitm_ca.read_bytes()]))
+        routes = [Route("direct", None, str(bundle)), Route("mitmdump", bare.url, str(bundle)),
+                  Route("llmitm", llmitm.url, str(bundle))]
+        bench = Bench(port)
+        results = Results()
+        for i in range(args.rounds):
+            order = routes[i % len(routes):] + routes[:i % len(routes)]
+            t0 = time.perf_counter()
+            run_round(bench, order, results, args.quick)
+            print(f"round {i + 1}/{args.rounds} done in {time.perf_counter() - t0:.1f}s",
+                  file=sys.stderr)
+        text = table(results, routes, [("llmitm", "mitmdump"), ("llmitm", "direct"),
+                                        ("mitmdump", "direct")])
+        stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
+                 f"Python {platform.python_version()}, {args.rounds} rounds"
+                 f"{' (quick)' if args.quick else ''}; median (min–max over rounds)")
+        report = f"{stamp}\n\n{text}\n"
+        print(report)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    finally:
+        for gw in gateways:
+            gw.stop()
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
