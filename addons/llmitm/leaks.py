@@ -1,0 +1,634 @@
+"""Leak finding, shared by the live guard and the offline scanner (SPEC §9). No mitmproxy here.
+
+Vocabulary:
+
+- ``KnownSecret``: a secret value with its owner session, the scope it may be sent to, the
+  header names it may travel in, and where it came from (``origin``, a config key path such as
+  ``sessions.team-a.headers.api.openai.com.Authorization``).
+- ``Injected``: one header the gateway put on a request, with its origin, owner session and scope.
+- ``OutgoingRequest``: what is about to leave (or, offline, what a recording says left).
+- ``Finding``: one problem. It never holds a secret, only its marker ``[redacted:xxxxxxxx]``.
+
+A secret is fine only in a header it was configured for, on a request of its own session whose
+host and path match its scope. Anything else is a finding:
+
+- ``other_session``: it belongs to another session;
+- ``out_of_scope_host`` / ``out_of_scope_path``: the request is outside its scope (a secret
+  with no scope, like a proxy token or the wallet, may never go upstream at all);
+- ``other_header``: right request, wrong header (e.g. an OpenAI key copied into a custom header);
+- ``in_url`` / ``in_body``: it appears in the URL or in the body (or a WebSocket message).
+
+An injected header is also checked on its own (its value need not be a secret): it must belong
+to the request's session and match its scope.
+
+``LeakChecker.check`` looks for the raw values (live guard); ``LeakChecker.check_recorded`` looks
+for redaction markers whose digest is a known secret's (offline scan of redacted recordings).
+Both precompute everything in the constructor; a check is a handful of dict lookups and one regex
+search over headers, URL and body.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from llmitm.redact import (
+    DEFAULT_MIN_LEN,
+    SecretSet,
+    bare_token,
+    digest,
+    iter_marker_digests,
+    needle_pattern,
+    needle_pattern_bytes,
+    redacted,
+    secret_needles,
+)
+from llmitm.scope import Scope
+
+Kind = Literal[
+    "out_of_scope_host",
+    "out_of_scope_path",
+    "other_session",
+    "other_header",
+    "in_url",
+    "in_body",
+]
+KINDS: tuple[Kind, ...] = (
+    "out_of_scope_host",
+    "out_of_scope_path",
+    "other_session",
+    "other_header",
+    "in_url",
+    "in_body",
+)
+# When a value has several owners, the finding names the closest one (least severe kind).
+_RANK: dict[str, int] = {
+    "other_header": 0,
+    "out_of_scope_path": 1,
+    "out_of_scope_host": 2,
+    "other_session": 3,
+}
+
+
+ANYWHERE = Scope("*")
+
+
+@dataclass(frozen=True, slots=True)
+class KnownSecret:
+    """A secret value and where it may go.
+
+    ``session=None``: any session may send it (profile keys). ``scope=None``: it may never be
+    sent upstream (proxy tokens, the admin token, the wallet). ``headers``: the header names it
+    may travel in. ``value`` may be empty when only the ``digest`` is known (learned from a
+    redacted recording).
+    """
+
+    origin: str
+    value: str = ""
+    session: str | None = None
+    scope: Scope | None = None
+    headers: tuple[str, ...] = ()
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", tuple(h.lower() for h in self.headers))
+        if not self.digest:
+            if not self.value:
+                raise ValueError(f"{self.origin}: a known secret needs a value or a digest")
+            object.__setattr__(self, "digest", digest(self.value))
+
+    @property
+    def marker(self) -> str:
+        return f"[redacted:{self.digest}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Injected:
+    """One header the gateway injected: its name, origin label (e.g. ``session:team-a`` or a
+    config key path), owner session and scope (``None`` for turn headers, which go wherever
+    their one request goes)."""
+
+    name: str
+    origin: str
+    scope: Scope | None = None
+    session: str | None = None
+
+    def to_meta(self) -> dict[str, str]:
+        """The entry for ``flow.metadata[flowmeta.INJECTED]`` (no value)."""
+        out = {"name": self.name, "origin": self.origin}
+        if self.scope is not None:
+            out["scope"] = str(self.scope)
+        if self.session is not None:
+            out["session"] = self.session
+        return out
+
+    @classmethod
+    def from_meta(cls, entry: Mapping[str, Any]) -> Injected | None:
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            return None
+        scope = entry.get("scope")
+        session = entry.get("session")
+        return cls(
+            name=name,
+            origin=str(entry.get("origin", "")),
+            scope=Scope.parse(scope) if isinstance(scope, str) and scope else None,
+            session=session if isinstance(session, str) else None,
+        )
+
+
+@dataclass(slots=True)
+class OutgoingRequest:
+    """A plain description of a request about to leave (or recorded as having left).
+
+    ``path`` is the request target (path and query). ``url`` is the full URL when known (it is
+    what the ``in_url`` search covers; ``path`` is used otherwise). ``body`` is the decoded
+    body; set ``body_label`` to e.g. ``"websocket"`` to check a WebSocket message instead.
+    """
+
+    session: str
+    host: str
+    path: str = "/"
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+    url: str = ""
+    port: int | None = None
+    injected: Sequence[Injected] = ()
+    body_label: str = "body"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: Kind
+    where: str  # header name, "url", "body" or "websocket"
+    origin: str  # the secret's (or injected header's) origin label
+    secret: str  # its marker, never the value; "" when unknown
+    explanation: str
+
+    def to_meta(self) -> dict[str, str]:
+        """The entry for ``flow.metadata[flowmeta.LEAKS]``."""
+        return {
+            "kind": self.kind,
+            "where": self.where,
+            "origin": self.origin,
+            "secret": self.secret,
+            "explanation": self.explanation,
+        }
+
+    @classmethod
+    def from_meta(cls, entry: Mapping[str, Any]) -> Finding | None:
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            return None
+        return cls(
+            kind=kind,
+            where=str(entry.get("where", "")),
+            origin=str(entry.get("origin", "")),
+            secret=str(entry.get("secret", "")),
+            explanation=str(entry.get("explanation", "")),
+        )
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.kind, self.where.lower(), self.secret, self.origin)
+
+
+def _marker_of(value: str) -> str:
+    """The marker naming a header value: its own if it is (or holds) one, else its hash."""
+    if not value:
+        return ""
+    for d, _ in iter_marker_digests(value):
+        return f"[redacted:{d}]"
+    return redacted(value)
+
+
+def _owner(s: KnownSecret) -> str:
+    return f"session {s.session}" if s.session is not None else "any session"
+
+
+def _scope_text(s: KnownSecret) -> str:
+    if s.scope is None:
+        return "may never be sent upstream"
+    allowed = ", ".join(s.headers) if s.headers else "no header"
+    return f"allowed for {s.scope} in {allowed}"
+
+
+class LeakChecker:
+    """One precomputed matcher over all known secrets. Immutable; build a new one when the
+    configuration changes. Thread-safe (no state changes after construction)."""
+
+    def __init__(
+        self,
+        secrets: Iterable[KnownSecret],
+        *,
+        learned: Iterable[KnownSecret] = (),
+        min_len: int = DEFAULT_MIN_LEN,
+    ) -> None:
+        known = list(secrets)
+        config_digests = {s.digest for s in known}
+        # Learned owners only fill in what the configuration does not know.
+        known += [s for s in learned if s.digest not in config_digests]
+        self.secrets: tuple[KnownSecret, ...] = tuple(known)
+        self.min_len = min_len
+
+        by_value: dict[str, list[KnownSecret]] = {}
+        by_digest: dict[str, list[KnownSecret]] = {}
+        needles: dict[str, tuple[str, list[KnownSecret]]] = {}
+        for s in self.secrets:
+            by_digest.setdefault(s.digest, []).append(s)
+            if not s.value:
+                continue
+            by_value.setdefault(s.value, []).append(s)
+            token = bare_token(s.value)
+            if token is not None:
+                by_digest.setdefault(digest(token), []).append(s)
+            for needle, canonical in secret_needles(s.value):
+                if len(needle) < min_len or len(canonical) < min_len:
+                    continue
+                entry = needles.setdefault(needle, (canonical, []))
+                entry[1].append(s)
+        self._by_value = {v: tuple(c) for v, c in by_value.items()}
+        self._by_digest = {d: tuple(c) for d, c in by_digest.items()}
+        self._needles = {n: (redacted(c), tuple(ss)) for n, (c, ss) in needles.items()}
+        self._needles_b = {n.encode("utf-8", "surrogateescape"): v for n, v in self._needles.items()}
+        self._re: re.Pattern[str] | None = needle_pattern(self._needles) if needles else None
+        self._re_b: re.Pattern[bytes] | None = needle_pattern_bytes(self._needles_b) if needles else None
+        self.secret_set = SecretSet([s.value for s in self.secrets if s.value], min_len=min_len)
+
+    def __bool__(self) -> bool:
+        return bool(self.secrets)
+
+    # -- judging one occurrence ------------------------------------------------------------
+    @staticmethod
+    def _kind_for(s: KnownSecret, header: str, req: OutgoingRequest) -> Kind | None:
+        if s.session is not None and s.session != req.session:
+            return "other_session"
+        if s.scope is None or not s.scope.matches_host(req.host, req.port):
+            return "out_of_scope_host"
+        if not s.scope.matches_path(req.path):
+            return "out_of_scope_path"
+        if header not in s.headers:
+            return "other_header"
+        return None
+
+    def _judge_header(
+        self, name: str, marker: str, cands: Sequence[KnownSecret], req: OutgoingRequest
+    ) -> Finding | None:
+        lname = name.lower()
+        best: tuple[Kind, KnownSecret] | None = None
+        for s in cands:
+            kind = self._kind_for(s, lname, req)
+            if kind is None:
+                return None
+            if best is None or _RANK[kind] < _RANK[best[0]]:
+                best = (kind, s)
+        if best is None:
+            return None
+        kind, s = best
+        src = f"secret from {s.origin} ({_owner(s)}, {_scope_text(s)})"
+        if kind == "other_session":
+            why = f"{src} in header {name} of a request from session {req.session}"
+        elif kind == "out_of_scope_host":
+            why = f"{src} in header {name} to host {req.host}"
+        elif kind == "out_of_scope_path":
+            why = f"{src} in header {name} to {req.host}{self._safe_path(req.path)}"
+        else:
+            why = f"{src} in header {name}, a header it is not configured for"
+        return Finding(kind, name, s.origin, marker, why)
+
+    def _judge_payload(
+        self, where: str, marker: str, cands: Sequence[KnownSecret], req: OutgoingRequest
+    ) -> Finding:
+        s = next((c for c in cands if c.session == req.session), cands[0])
+        kind: Kind = "in_url" if where == "url" else "in_body"
+        place = "the URL" if where == "url" else f"the request {where}"
+        why = f"secret from {s.origin} ({_owner(s)}) appears in {place} to host {req.host}"
+        return Finding(kind, where, s.origin, marker, why)
+
+    def _safe_path(self, path: str) -> str:
+        return self.secret_set.redact_text(path.split("?", 1)[0])
+
+    def _check_injected(self, req: OutgoingRequest, out: list[Finding]) -> None:
+        values: dict[str, str] | None = None
+        for inj in req.injected:
+            kind: Kind
+            if inj.session is not None and inj.session != req.session:
+                kind = "other_session"
+                why = (
+                    f"header {inj.name} injected from {inj.origin} (session {inj.session}) "
+                    f"on a request from session {req.session}"
+                )
+            elif inj.scope is not None and not inj.scope.matches_host(req.host, req.port):
+                kind = "out_of_scope_host"
+                why = (
+                    f"header {inj.name} injected from {inj.origin} (scope {inj.scope}) "
+                    f"on a request to host {req.host}"
+                )
+            elif inj.scope is not None and not inj.scope.matches_path(req.path):
+                kind = "out_of_scope_path"
+                why = (
+                    f"header {inj.name} injected from {inj.origin} (scope {inj.scope}) "
+                    f"on a request to {req.host}{self._safe_path(req.path)}"
+                )
+            else:
+                continue
+            if values is None:
+                values = {n.lower(): v for n, v in req.headers}
+            out.append(Finding(kind, inj.name, inj.origin, _marker_of(values.get(inj.name.lower(), "")), why))
+
+    @staticmethod
+    def _dedupe(findings: list[Finding]) -> list[Finding]:
+        if len(findings) < 2:
+            return findings
+        seen: set[tuple[str, str, str]] = set()
+        out = []
+        for f in findings:
+            k = (f.kind, f.where.lower(), f.secret)
+            if k not in seen:
+                seen.add(k)
+                out.append(f)
+        return out
+
+    # -- live: raw values ------------------------------------------------------------------
+    def check(self, req: OutgoingRequest) -> list[Finding]:
+        """Findings for a request carrying raw values (the guard, or unredacted recordings)."""
+        out: list[Finding] = []
+        if self.secrets:
+            self._check_header_values(req, out)
+            if self._re is not None:
+                url = req.url or req.path
+                for m in self._re.finditer(url):
+                    marker, cands = self._needles[m.group(0)]
+                    out.append(self._judge_payload("url", marker, cands, req))
+            if self._re_b is not None and req.body:
+                for mb in self._re_b.finditer(req.body):
+                    marker, cands = self._needles_b[mb.group(0)]
+                    out.append(self._judge_payload(req.body_label, marker, cands, req))
+        if req.injected:
+            self._check_injected(req, out)
+        return self._dedupe(out)
+
+    def _check_header_values(self, req: OutgoingRequest, out: list[Finding]) -> None:
+        headers = req.headers
+        if not headers:
+            return
+        exact_hit: set[int] = set()
+        by_value = self._by_value
+        for i, (name, value) in enumerate(headers):
+            cands = by_value.get(value)
+            if cands is None:
+                token = bare_token(value) if " " in value else None
+                cands = by_value.get(token) if token is not None else None
+                if cands is None:
+                    continue
+                marker = redacted(token or value)
+            else:
+                marker = redacted(value)
+            exact_hit.add(i)
+            finding = self._judge_header(name, marker, cands, req)
+            if finding is not None:
+                out.append(finding)
+        if self._re is None:
+            return
+        # One search over all values joined; offsets map hits back to their header.
+        joined = "\n".join(v for _, v in headers)
+        starts: list[int] | None = None
+        for m in self._re.finditer(joined):
+            if starts is None:
+                starts, pos = [], 0
+                for _, v in headers:
+                    starts.append(pos)
+                    pos += len(v) + 1
+            i = bisect.bisect_right(starts, m.start()) - 1
+            if i in exact_hit:
+                continue
+            marker, cands = self._needles[m.group(0)]
+            finding = self._judge_header(headers[i][0], marker, cands, req)
+            if finding is not None:
+                out.append(finding)
+
+    # -- offline: redaction markers --------------------------------------------------------
+    def check_recorded(self, req: OutgoingRequest) -> list[Finding]:
+        """Findings for a redacted recording: markers whose digest is a known secret's, placed
+        where that secret may not be, plus the injected-header checks."""
+        out: list[Finding] = []
+        by_digest = self._by_digest
+        if by_digest:
+            for name, value in req.headers:
+                for d, _ in iter_marker_digests(value):
+                    cands = by_digest.get(d)
+                    if cands:
+                        finding = self._judge_header(name, f"[redacted:{d}]", cands, req)
+                        if finding is not None:
+                            out.append(finding)
+            for d, _ in iter_marker_digests(req.url or req.path):
+                cands = by_digest.get(d)
+                if cands:
+                    out.append(self._judge_payload("url", f"[redacted:{d}]", cands, req))
+            for d, _ in iter_marker_digests(req.body):
+                cands = by_digest.get(d)
+                if cands:
+                    out.append(self._judge_payload(req.body_label, f"[redacted:{d}]", cands, req))
+        if req.injected:
+            self._check_injected(req, out)
+        return self._dedupe(out)
+
+
+def learn_secrets(recorded: Iterable[OutgoingRequest]) -> list[KnownSecret]:
+    """Owners learned from a redacted recording without a config: a marker in a header the
+    gateway injected belongs to that flow's session (and to the injection's scope when the
+    recording kept it). Pass the result as ``LeakChecker(..., learned=...)``: a marker then
+    seen in another session's flow (where it was not injected) is an ``other_session``."""
+    seen: set[tuple[str, str | None, str, str]] = set()
+    out: list[KnownSecret] = []
+    for req in recorded:
+        if not req.injected:
+            continue
+        values: dict[str, list[str]] = {}
+        for n, v in req.headers:
+            values.setdefault(n.lower(), []).append(v)
+        for inj in req.injected:
+            for value in values.get(inj.name.lower(), ()):
+                for d, _ in iter_marker_digests(value):
+                    scope = inj.scope or ANYWHERE
+                    key = (d, req.session, inj.name.lower(), str(scope))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    out.append(
+                        KnownSecret(
+                            origin=inj.origin or f"injected {inj.name} (session {req.session})",
+                            session=req.session,
+                            scope=scope,
+                            headers=(inj.name,),
+                            digest=d,
+                        )
+                    )
+    return out
+
+
+# -- reading secrets from a config file ------------------------------------------------------
+# A stand-in until the gateway's config model exposes its secrets: ``secrets_from_config`` is
+# the one function to replace. It reads only what the leak checks and redaction need.
+
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SENSITIVE_NAME = re.compile(
+    r"auth|key|token|secret|cookie|session|signature|password|passwd|credential|payment", re.I
+)
+_API_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+
+
+def _expand(value: str, env: Mapping[str, str]) -> tuple[str, bool, bool]:
+    """(expanded, any variable used, all resolved). Unset variables stay as written."""
+    used = False
+    resolved = True
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal used, resolved
+        if m.group(0) == "$${":
+            return "${"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            used = True
+            return env[name]
+        if default is not None:
+            used = True
+            return default
+        resolved = False
+        return m.group(0)
+
+    if "$" not in value:
+        return value, False, True
+    return _VAR.sub(sub, value), used, resolved
+
+
+def is_secret_header(name: str, from_env: bool) -> bool:
+    """Which configured header values count as secrets: those from environment variables and
+    those whose header name says so (auth, key, token, cookie, ...). Plain literals such as
+    ``anthropic-version: 2023-06-01`` do not (they would hit everywhere)."""
+    return from_env or _SENSITIVE_NAME.search(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSecrets:
+    known: tuple[KnownSecret, ...]
+    redact_names: tuple[str, ...]  # record.redact
+
+    def secret_set(self) -> SecretSet:
+        return SecretSet([s.value for s in self.known if s.value], self.redact_names)
+
+    def checker(self, learned: Iterable[KnownSecret] = ()) -> LeakChecker:
+        return LeakChecker(self.known, learned=learned)
+
+
+def _scope_of_url(base_url: str) -> Scope | None:
+    parts = urlsplit(base_url)
+    if not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    path = parts.path.rstrip("/")
+    return Scope(host, f"{path}/*" if path else None)
+
+
+def secrets_from_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> ConfigSecrets:
+    """Secrets of a parsed (not yet expanded) gateway YAML: session header values and tokens,
+    profile keys and headers, the admin token, an inline wallet secret, ``record.redact``."""
+    known: list[KnownSecret] = []
+
+    def add(origin: str, value: Any, **kw: Any) -> None:
+        if not isinstance(value, str):
+            return
+        text, _, resolved = _expand(value, env)
+        if text and resolved:
+            known.append(KnownSecret(origin=origin, value=text, **kw))
+
+    sessions = raw.get("sessions")
+    if isinstance(sessions, Mapping):
+        for sid, sess in sessions.items():
+            if not isinstance(sess, Mapping):
+                continue
+            add(f"sessions.{sid}.token", sess.get("token"), session=str(sid))
+            headers = sess.get("headers")
+            if not isinstance(headers, Mapping):
+                continue
+            for scope_text, hmap in headers.items():
+                if not isinstance(hmap, Mapping):
+                    continue
+                scope = Scope.parse(str(scope_text))
+                for hname, hvalue in hmap.items():
+                    if not isinstance(hvalue, str):
+                        continue
+                    _, from_env, _ = _expand(hvalue, env)
+                    if is_secret_header(str(hname), from_env):
+                        add(
+                            f"sessions.{sid}.headers.{scope_text}.{hname}",
+                            hvalue,
+                            session=str(sid),
+                            scope=scope,
+                            headers=(str(hname),),
+                        )
+
+    profiles = raw.get("profiles")
+    if isinstance(profiles, Mapping):
+        for pname, prof in profiles.items():
+            if not isinstance(prof, Mapping):
+                continue
+            base = prof.get("base_url")
+            pscope = None
+            if isinstance(base, str):
+                pscope = _scope_of_url(_expand(base, env)[0])
+            add(
+                f"profiles.{pname}.api_key",
+                prof.get("api_key"),
+                scope=pscope,
+                headers=_API_KEY_HEADERS,
+            )
+            pheaders = prof.get("headers")
+            if isinstance(pheaders, Mapping):
+                for hname, hvalue in pheaders.items():
+                    if isinstance(hvalue, str) and is_secret_header(str(hname), _expand(hvalue, env)[1]):
+                        add(
+                            f"profiles.{pname}.headers.{hname}",
+                            hvalue,
+                            scope=pscope,
+                            headers=(str(hname),),
+                        )
+
+    control = raw.get("control")
+    if isinstance(control, Mapping):
+        add("control.admin_token", control.get("admin_token"))
+
+    x402 = raw.get("x402")
+    if isinstance(x402, Mapping):
+        wallet = x402.get("wallet")
+        if isinstance(wallet, str):
+            text = _expand(wallet, env)[0]
+            # A base58 secret inline (a keypair file path is not itself the secret).
+            if len(text) >= 32 and "/" not in text and not text.endswith(".json"):
+                add("x402.wallet", wallet)
+
+    names: list[str] = []
+    record = raw.get("record")
+    if isinstance(record, Mapping) and isinstance(record.get("redact"), list):
+        names = [str(n) for n in record["redact"] if isinstance(n, str)]
+    return ConfigSecrets(tuple(known), tuple(names))
+
+
+def load_config_secrets(path: str | Path, env: Mapping[str, str]) -> ConfigSecrets:
+    """Read a gateway YAML file; raises ``ValueError`` when it cannot be read or parsed."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read config: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    return secrets_from_config(raw, env)
