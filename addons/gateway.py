@@ -5,14 +5,29 @@ the ones before it decided from ``flow.metadata`` (keys in llmitm/flowmeta.py) a
 """
 
 from configuration import Configuration
+from control import Control
 from identify import Identify
 from resolve import Resolve, UpstreamProbe
+from session_headers import SessionHeaders
 from streams import Streams
 
+# [imports: payments]
+# [imports: repair]
+# [imports: guard]
+# [imports: concurrency]
+# [imports: recorder]
+
 addons = [
-    Configuration(),  # 1. load and watch llmitm_config; one validated snapshot per request
-    Resolve(),  # 2. llmitm_resolve: where the TCP connection goes
-    Identify(),  # 3. provider, endpoint kind, bypass; strips X-Llmitm-* headers
-    Streams(),  # 4. SSE responses stream through one pipeline (stages/taps added below)
+    Configuration(),  # load and watch llmitm_config; one validated snapshot per request
+    Resolve(),  # llmitm_resolve: where the TCP connection goes
+    Identify(),  # provider, endpoint, bypass, session (407), turn headers (400); strips X-Llmitm-*
+    Control(),  # answers http://llmitm.internal/ itself; nothing there goes upstream
+    SessionHeaders(),  # session and per-turn headers, with provenance in the flow comment
+    # [stack: payments]
+    Streams(),  # SSE responses stream through one pipeline; later addons add stages and taps
+    # [stack: repair]
+    # [stack: guard]
+    # [stack: concurrency]
     UpstreamProbe(),  # last before the wire: a dead upstream gets a 502 in the provider's shape
+    # [stack: recorder]
 ]

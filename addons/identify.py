@@ -1,60 +1,133 @@
-"""Addon: what a request is — provider, endpoint kind, bypass — before anything else acts on it.
+"""Addon: who is asking and what this is, before anything else acts on a request.
 
-It reads every ``X-Llmitm-*`` request header it needs into ``flow.metadata`` and then strips
-them all, so none ever goes upstream, whatever later addons decide.
+Provider and endpoint kind (from host and path), bypass, the session (proxy-auth user, else
+``X-Llmitm-Session``, else ``default``; a session with a token answers 407 unless that token was
+presented through proxy auth) and the per-turn headers (400 when malformed). Then it strips
+every ``X-Llmitm-*`` header and ``Proxy-Authorization``, so none ever goes upstream, whatever
+later addons decide.
 """
 
 from __future__ import annotations
 
-from mitmproxy import http
+import weakref
 
-from glue import current_config
+from mitmproxy import connection, http
+from mitmproxy.addons.proxyauth import parse_http_basic_auth
+
+from glue import answer_error, current_config
 from llmitm import flowmeta
+from llmitm.config import GatewayConfig
 from llmitm.providers import ProviderTable, classify_endpoint
+from llmitm.sessions import (
+    AuthFailure,
+    HeaderError,
+    parse_merge,
+    parse_turn_headers,
+    resolve_identity,
+)
 
 CONTROL_PREFIX = "x-llmitm-"
+_TURN_HEADERS: weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def turn_headers_of(flow: http.HTTPFlow) -> dict[str, str] | None:
+    """The request's parsed ``X-Llmitm-Turn-Headers`` (``{}`` is a real, empty set), or None."""
+    return _TURN_HEADERS.get(flow)
+
+
+def strip_control_headers(headers: http.Headers) -> None:
+    for name in {k.lower() for k in headers if k.lower().startswith(CONTROL_PREFIX)}:
+        del headers[name]
+    if "proxy-authorization" in headers:
+        del headers["proxy-authorization"]
+
+
+def _credentials(value: str) -> tuple[str, str] | None:
+    try:
+        _scheme, user, password = parse_http_basic_auth(value)
+    except ValueError:
+        return None
+    return user, password
 
 
 class Identify:
     name = "llmitm-identify"
 
     def __init__(self) -> None:
-        self._table_for: object = None
-        self._table = ProviderTable()
+        self._derived_for: GatewayConfig | None = None
+        self._providers = ProviderTable()
+        self._tokens: dict[str, str | None] = {}
+        # Proxy credentials given on CONNECT hold for every request inside that tunnel.
+        self._tunnel_credentials: weakref.WeakKeyDictionary[connection.Client, tuple[str, str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
-    def _providers(self) -> ProviderTable:
+    def _derive(self) -> None:
         config = current_config()
-        if config.providers is not self._table_for:
-            self._table = ProviderTable(config.providers)
-            self._table_for = config.providers
-        return self._table
+        if config is not self._derived_for:
+            self._providers = ProviderTable(config.providers)
+            self._tokens = {sid: (s.token.get_secret_value() if s.token else None)
+                            for sid, s in config.sessions.items()}
+            self._derived_for = config
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        value = flow.request.headers.get("proxy-authorization")
+        if value is None:
+            return
+        credentials = _credentials(value)
+        self._derive()
+        try:
+            if credentials is None:
+                raise AuthFailure("malformed Proxy-Authorization (expected Basic user:token)")
+            resolve_identity(credentials, None, self._tokens)
+        except AuthFailure as e:
+            self._answer_407(flow, str(e))
+            return
+        self._tunnel_credentials[flow.client_conn] = credentials
 
     def request(self, flow: http.HTTPFlow) -> None:
-        self.classify(flow)
-
-    def websocket_start(self, flow: http.HTTPFlow) -> None:
-        # The upgrade request went through `request` already; nothing more to read.
-        pass
-
-    def classify(self, flow: http.HTTPFlow) -> None:
-        request = flow.request
-        provider = self._providers().match(request.pretty_host)
-        metadata = flow.metadata
-        if provider is not None:
-            metadata[flowmeta.PROVIDER] = provider.name
-            metadata[flowmeta.PROVIDER_STYLE] = provider.style
-            metadata[flowmeta.ENDPOINT] = classify_endpoint(request.path)
-        else:
-            metadata[flowmeta.PROVIDER] = None
-            metadata[flowmeta.ENDPOINT] = "other"
+        if flow.response is not None:
+            return
+        self._derive()
+        request, metadata = flow.request, flow.metadata
         headers = request.headers
-        metadata[flowmeta.BYPASS] = headers.get("x-llmitm-bypass", "").strip() in ("1", "true")
-        strip_control_headers(headers)
+        provider = self._providers.match(request.pretty_host)
+        metadata[flowmeta.PROVIDER] = provider.name if provider else None
+        if provider is not None:
+            metadata[flowmeta.PROVIDER_STYLE] = provider.style
+        metadata[flowmeta.ENDPOINT] = classify_endpoint(request.path) if provider else "other"
+        metadata[flowmeta.BYPASS] = headers.get("x-llmitm-bypass", "").strip().lower() in ("1", "true")
+        try:
+            self._identify(flow)
+        except AuthFailure as e:
+            self._answer_407(flow, str(e))
+        except HeaderError as e:
+            answer_error(flow, 400, f"{e}. Nothing was sent upstream.", "invalid_turn_headers")
+        finally:
+            strip_control_headers(headers)
 
+    def _identify(self, flow: http.HTTPFlow) -> None:
+        headers = flow.request.headers
+        credentials = self._tunnel_credentials.get(flow.client_conn)
+        if "proxy-authorization" in headers:  # plain-HTTP proxy requests carry it themselves
+            credentials = _credentials(headers["proxy-authorization"])
+            if credentials is None:
+                raise AuthFailure("malformed Proxy-Authorization (expected Basic user:token)")
+        identity = resolve_identity(credentials, headers.get("x-llmitm-session"), self._tokens)
+        flow.metadata[flowmeta.SESSION] = identity.session
+        flow.metadata[flowmeta.SESSION_VERIFIED] = identity.verified
+        merge = parse_merge(headers.get("x-llmitm-header-merge"))
+        if merge is not None:
+            flow.metadata[flowmeta.TURN_MERGE] = merge
+        if "x-llmitm-turn-headers" in headers:
+            _TURN_HEADERS[flow] = parse_turn_headers(headers["x-llmitm-turn-headers"])
 
-def strip_control_headers(headers: http.Headers) -> None:
-    for name in {k.lower() for k in headers if k.lower().startswith(CONTROL_PREFIX)}:
-        del headers[name]
+    @staticmethod
+    def _answer_407(flow: http.HTTPFlow, message: str) -> None:
+        answer_error(flow, 407, f"{message}. Nothing was sent upstream.", "proxy_auth_required",
+                     {"Proxy-Authenticate": 'Basic realm="llmitm"'})
 
 
 addons = [Identify()]

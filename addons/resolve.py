@@ -5,10 +5,11 @@ upstream cannot be reached.
 then puts the original address back in ``server_connected``: otherwise mitmproxy never matches
 the connection for reuse, opens one per request and hangs after five (research/mitmproxy.md).
 
-``UpstreamProbe`` sits late in the stack: for a request that has no open upstream connection yet
-it tries a TCP connect first, because once mitmproxy's own connect fails it answers with a fixed
+``UpstreamProbe`` sits late in the stack: when no connection to a request's upstream is open, it
+tries a TCP connect first, because once mitmproxy's own connect fails it answers with a fixed
 HTML page that no hook can replace; the probe lets the gateway answer a 502 JSON error in the
-provider's shape naming the host instead.
+provider's shape naming the host instead. While a connection to that upstream is open (the
+usual keep-alive case) nothing is probed, so the cost is one extra connect per new upstream.
 """
 
 from __future__ import annotations
@@ -81,10 +82,34 @@ class UpstreamProbe:
 
     PROBE_TIMEOUT = 5.0
 
+    def __init__(self) -> None:
+        # Open upstream connections per (host, port): with lazy connections a flow's own
+        # server_conn is not open yet at `request` time, so that cannot tell us.
+        self.open: dict[Address, int] = {}
+
+    @staticmethod
+    def _key(server: connection.Server) -> Address | None:
+        address = server.address
+        return (str(address[0]).lower(), address[1]) if address else None
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        key = self._key(data.server)
+        if key is not None:
+            self.open[key] = self.open.get(key, 0) + 1
+
+    def server_disconnected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        key = self._key(data.server)
+        if key is not None and key in self.open:
+            self.open[key] -= 1
+            if self.open[key] <= 0:
+                del self.open[key]
+
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not flow.live or flow.server_conn.connected:
+        if flow.response is not None or not flow.live:
             return
         host, port = flow.request.host, flow.request.port
+        if self.open.get((host.lower(), port)):
+            return
         target = _resolve_table().get((host.lower(), port), (host, port))
         try:
             _, writer = await asyncio.wait_for(

@@ -33,6 +33,20 @@ from tests.harness.procs import Proc  # noqa: E402
 
 # httpx writes headers and body separately; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+# A session configuration whose headers apply to every benchmark request (default session,
+# scope api.openai.com), plus other sessions and scopes the matcher has to skip.
+HEADERS_CONFIG = """
+sessions:
+  default:
+    headers:
+      api.openai.com: {Authorization: Bearer sk-bench-0123456789, X-Tenant: bench, X-Env: prod}
+      "api.anthropic.com/v1/*": {x-api-key: sk-ant-bench}
+      "*.example.test": {X-Other: o}
+  team-a:
+    token: tok
+    headers:
+      api.openai.com: {X-Tenant: a}
+"""
 CHAT_BODY = {"model": "gpt-bench", "messages": [{"role": "user", "content": "hello"}]}
 
 
@@ -181,6 +195,49 @@ def table(results: Results, routes: list[Route], ratios: list[tuple[str, str]]) 
     return "\n".join(lines)
 
 
+def differences(results: Results, a: str, b: str, label: str) -> str:
+    """Per-round latency differences a − b (ms): small costs that a ratio would hide."""
+    per = results.values["latency"]
+    deltas = [x - y for x, y in zip(per[a], per[b], strict=True)]
+    return (f"{label}: {statistics.median(deltas):+.3f} ms median per request "
+            f"({min(deltas):+.3f} to {max(deltas):+.3f} over rounds, {a} − {b}, 1-client latency)")
+
+
+def hook_costs(n: int = 5000) -> str:
+    """In-process cost per request of the request-path hooks (mitmproxy's taddons, no network):
+    the precise answer to "what does header injection add", which loopback noise would hide."""
+    sys.path.insert(0, str(REPO / "addons"))
+    from mitmproxy.test import taddons, tflow
+
+    from configuration import Configuration
+    from identify import Identify
+    from session_headers import SessionHeaders
+
+    config_file = Path(tempfile.mkdtemp(prefix="llmitm-bench-")) / "gateway.yaml"
+    config_file.write_text(HEADERS_CONFIG)
+    configuration, identify, session_headers = Configuration(), Identify(), SessionHeaders()
+    rows = []
+    with taddons.context(configuration, identify, session_headers) as tctx:
+        for label, path in (("default configuration", None), ("session headers", config_file)):
+            if path is not None:
+                tctx.configure(configuration, llmitm_config=str(path))
+            flows = []
+            for _ in range(n):
+                flow = tflow.tflow()
+                flow.request.host, flow.request.path = "api.openai.com", "/v1/chat/completions"
+                flows.append(flow)
+            t0 = time.perf_counter()
+            for flow in flows:
+                identify.request(flow)
+            t1 = time.perf_counter()
+            for flow in flows:
+                session_headers.request(flow)
+            t2 = time.perf_counter()
+            rows.append(f"| {label} | {1e6 * (t1 - t0) / n:.1f} | {1e6 * (t2 - t1) / n:.1f} |")
+    return "\n".join(["| in-process, per request | Identify (µs) | SessionHeaders (µs) |",
+                      "|---|---|---|", *rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -202,12 +259,18 @@ def main() -> None:
         llmitm = Gateway(confdir=tmp / "conf", workdir=tmp, upstream_ca=certs.ca_pem,
                          extra_args=quiet)
         gateways.append(llmitm.start())
+        headers_dir = tmp / "headers"
+        headers_dir.mkdir()
+        with_headers = Gateway(confdir=tmp / "conf", workdir=headers_dir, upstream_ca=certs.ca_pem,
+                               extra_args=quiet, config_text=HEADERS_CONFIG)
+        gateways.append(with_headers.start())
         bundle = tmp / "bundle.pem"
         bundle.write_bytes(b"\n".join(
             [Path(p).read_bytes() for p in SYSTEM_CA_FILES if Path(p).exists()]
             + [certs.ca_pem.read_bytes(), bare.mitm_ca.read_bytes()]))
         routes = [Route("direct", None, str(bundle)), Route("mitmdump", bare.url, str(bundle)),
-                  Route("llmitm", llmitm.url, str(bundle))]
+                  Route("llmitm", llmitm.url, str(bundle)),
+                  Route("llmitm+headers", with_headers.url, str(bundle))]
         bench = Bench(port)
         results = Results()
         for i in range(args.rounds):
@@ -217,7 +280,10 @@ def main() -> None:
             print(f"round {i + 1}/{args.rounds} done in {time.perf_counter() - t0:.1f}s",
                   file=sys.stderr)
         text = table(results, routes, [("llmitm", "mitmdump"), ("llmitm", "direct"),
-                                        ("mitmdump", "direct")])
+                                        ("mitmdump", "direct"), ("llmitm+headers", "llmitm")])
+        text += "\n\n" + differences(results, "llmitm+headers", "llmitm",
+                                      "session-header injection cost")
+        text += "\n\n" + hook_costs()
         stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
                  f"Python {platform.python_version()}, {args.rounds} rounds"
                  f"{' (quick)' if args.quick else ''}; median (min–max over rounds)")

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from llmitm.envexpand import ExpansionError, expand_tree
 from llmitm.providers import ProviderConfig
+from llmitm.recording import GuardConfig, RecordConfig
+from llmitm.sessions import ControlConfig, SessionConfig, validate_sessions
+from llmitm.x402.config import X402Config
 
 
 class ConfigError(ValueError):
@@ -35,7 +38,17 @@ class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    sessions: dict[str, SessionConfig] = Field(default_factory=dict)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    x402: X402Config | None = None
+    record: RecordConfig = Field(default_factory=RecordConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("sessions")
+    @classmethod
+    def _session_ids(cls, value: dict[str, SessionConfig]) -> dict[str, SessionConfig]:
+        return validate_sessions(value)
 
 
 def _format_validation_error(error: ValidationError) -> str:

@@ -13,7 +13,8 @@ ENDPOINT = "llmitm.endpoint"  # "chat_completions" | "responses" | "messages" | 
 BYPASS = "llmitm.bypass"  # bool: X-Llmitm-Bypass was set (request or WebSocket upgrade)
 STREAM_REQUESTED = "llmitm.stream_requested"  # bool: request JSON had "stream": true
 TOOL_CHOICE_FORCED = "llmitm.tool_choice_forced"  # bool: request forced a tool choice
-TURN_HEADERS = "llmitm.turn_headers"  # dict[str, str] | None: parsed X-Llmitm-Turn-Headers
+# Turn header values are kept off metadata (it is recorded): see identify.turn_headers_of().
+SESSION_VERIFIED = "llmitm.session_verified"  # bool: the session token was presented
 TURN_MERGE = "llmitm.turn_merge"  # "override" | "merge" | None
 INJECTED = "llmitm.injected"  # list[dict]: {"name", "origin"} per injected header, no values
 REPAIRS = "llmitm.repairs"  # dict[str, int]: repair class -> count

@@ -22,6 +22,9 @@ def ca_bundle(mitm_ca: Path, out: Path) -> Path:
     return out
 
 
+STARTED: list[Gateway] = []  # every gateway this test run started (for whole-run log scans)
+
+
 @dataclass
 class Gateway:
     confdir: Path
@@ -53,6 +56,7 @@ class Gateway:
             args += ["--set", f"llmitm_config={self.config_path}"]
         args += self.extra_args
         self.proc = Proc(args, env=self.env, cwd=self.workdir)
+        STARTED.append(self)
         if expect_failure:
             self.proc.popen.wait(30)
             self.proc.stop()
