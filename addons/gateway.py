@@ -7,15 +7,10 @@ the ones before it decided from ``flow.metadata`` (keys in llmitm/flowmeta.py) a
 from configuration import Configuration
 from control import Control
 from identify import Identify
+from repair import Repair
 from resolve import Resolve, UpstreamProbe
 from session_headers import SessionHeaders
 from streams import Streams
-
-# [imports: payments]
-# [imports: repair]
-# [imports: guard]
-# [imports: concurrency]
-# [imports: recorder]
 
 addons = [
     Configuration(),  # load and watch llmitm_config; one validated snapshot per request
@@ -25,7 +20,7 @@ addons = [
     SessionHeaders(),  # session and per-turn headers, with provenance in the flow comment
     # [stack: payments]
     Streams(),  # SSE responses stream through one pipeline; later addons add stages and taps
-    # [stack: repair]
+    Repair(),  # tool-call repair: a stage on the SSE pipeline, JSON bodies in `response`
     # [stack: guard]
     # [stack: concurrency]
     UpstreamProbe(),  # last before the wire: a dead upstream gets a 502 in the provider's shape

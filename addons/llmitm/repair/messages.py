@@ -1,0 +1,173 @@
+"""Anthropic Messages tool_use repair: streamed events and whole responses."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from llmitm.sse import Frame
+
+from ._base import StreamRepairer
+from ._json import JsonProgress, arguments_text, is_int, short_hash
+
+_TOOL_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
+_WANTED = frozenset({"message_start", "content_block_start", "message_delta"})
+
+
+class _Block:
+    __slots__ = ("args", "progress")
+
+    def __init__(self) -> None:
+        self.args = ""
+        self.progress = JsonProgress()
+
+
+class MessagesRepairer(StreamRepairer):
+    """Streamed Anthropic Messages events."""
+
+    endpoint = "messages"
+    _json_every_data = False  # anthropic-python skips events with empty data
+
+    def __init__(self, request_json: dict[str, Any] | None = None) -> None:
+        super().__init__(request_json)
+        self._message_id = ""
+        self._blocks: dict[int, _Block] = {}
+        self._last_index: int | None = None
+        self._tool_use = False  # a client tool_use block was seen
+
+    def _wants(self, frame: Frame) -> bool:
+        event = frame.event
+        if event is None or event in _WANTED:
+            return True
+        return event == "content_block_delta" and b"partial_json" in frame.raw
+
+    def _event(self, obj: dict[str, Any], frame: Frame) -> bool:
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return False
+        if frame.event is None and kind and "\n" not in kind and "\r" not in kind:
+            # anthropic-python ignores events without an "event:" name
+            self._set_event = kind
+            self._note("missing_event_name")
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict) and isinstance(message.get("id"), str):
+                self._message_id = self._message_id or message["id"]
+            return False
+        if kind == "content_block_start":
+            return self._block_start(obj)
+        if kind == "content_block_delta":
+            return self._block_delta(obj)
+        if kind == "message_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason") == "end_turn" and self._tool_use:
+                delta["stop_reason"] = "tool_use"
+                self._note("stop_with_tool_calls")
+                return True
+        return False
+
+    def _block_start(self, obj: dict[str, Any]) -> bool:
+        changed = False
+        index = obj.get("index")
+        if not is_int(index):
+            index = obj["index"] = 0 if self._last_index is None else self._last_index + 1
+            self._note("missing_index")
+            changed = True
+        self._last_index = index
+        block = obj.get("content_block")
+        if not isinstance(block, dict) or block.get("type") not in _TOOL_BLOCKS:
+            self._blocks.pop(index, None)
+            return changed
+        if block.get("type") == "tool_use":
+            self._tool_use = True
+        block_id = block.get("id")
+        if not isinstance(block_id, str) or not block_id:
+            prefix = "toolu_" if block.get("type") == "tool_use" else "srvtoolu_"
+            block["id"] = self._invent_id(prefix, self._message_id, index)
+            self._note("missing_id")
+            changed = True
+        else:
+            self._ids.add(block_id)
+        if "input" not in block or block["input"] is None:
+            block["input"] = {}
+            self._note("missing_input")
+            changed = True
+        self._blocks[index] = _Block()
+        return changed
+
+    def _block_delta(self, obj: dict[str, Any]) -> bool:
+        delta = obj.get("delta")
+        if not isinstance(delta, dict) or delta.get("type") != "input_json_delta":
+            return False
+        changed = False
+        index = obj.get("index")
+        if not is_int(index) and self._last_index is not None:
+            index = obj["index"] = self._last_index
+            self._note("missing_index")
+            changed = True
+        block = self._blocks.get(index) if is_int(index) else None
+        text, fix = arguments_text(delta.get("partial_json"))
+        if fix is not None:
+            delta["partial_json"] = text
+            self._note(fix)
+            changed = True
+        if block is None:
+            return changed
+        if block.progress.complete and text.strip() and _same_json(text, block.args):
+            delta["partial_json"] = text = ""
+            self._note("duplicate_arguments")
+            changed = True
+        block.args += text
+        block.progress.feed(text)
+        return changed
+
+
+def _same_json(a: str, b: str) -> bool:
+    if a.strip() == b.strip():
+        return True
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return False
+
+
+# --- whole (non-streamed) responses -----------------------------------------------------------
+
+
+def repair_messages_json(
+    obj: dict[str, Any], request_json: dict[str, Any] | None
+) -> Counter[str]:
+    """Fix the tool_use blocks of an Anthropic ``message`` object in place."""
+    repairs: Counter[str] = Counter()
+    base = obj.get("id") if isinstance(obj.get("id"), str) else ""
+    content = obj.get("content")
+    tool_use = False
+    seen: set[str] = set()
+    for n, block in enumerate(content if isinstance(content, list) else ()):
+        if not isinstance(block, dict) or block.get("type") not in _TOOL_BLOCKS:
+            continue
+        if block.get("type") == "tool_use":
+            tool_use = True
+        bid = block.get("id")
+        if not isinstance(bid, str) or not bid or bid in seen:
+            prefix = "toolu_" if block.get("type") == "tool_use" else "srvtoolu_"
+            block["id"] = prefix + short_hash("messages", base, n)
+            repairs["missing_id"] += 1
+        seen.add(block["id"])
+        value = block.get("input")
+        if value is None:
+            block["input"] = {}
+            repairs["missing_input"] += 1
+        elif isinstance(value, str):
+            try:
+                parsed = json.loads(value) if value.strip() else {}
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                block["input"] = parsed
+                repairs["string_input"] += 1
+    if tool_use and obj.get("stop_reason") == "end_turn":
+        obj["stop_reason"] = "tool_use"
+        repairs["stop_with_tool_calls"] += 1
+    return repairs
