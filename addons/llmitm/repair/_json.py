@@ -146,3 +146,13 @@ def arguments_text(value: Any) -> tuple[str, str | None]:
     if value is None:
         return "", "null_arguments"
     return dumps(value), "object_arguments"
+
+
+def same_json(a: str, b: str) -> bool:
+    """Two JSON texts that mean the same value (or are the same text)."""
+    if a.strip() == b.strip():
+        return True
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return False

@@ -19,6 +19,7 @@ from ._json import (
     JsonProgress,
     arguments_text,
     is_int,
+    same_json,
     short_hash,
     split_concatenated,
     starts_value,
@@ -60,15 +61,6 @@ def tool_names(request_json: dict[str, Any] | None) -> frozenset[str]:
         if isinstance(name, str) and name:
             names.add(name)
     return frozenset(names)
-
-
-def _same_json(a: str, b: str) -> bool:
-    if a.strip() == b.strip():
-        return True
-    try:
-        return bool(json.loads(a) == json.loads(b))
-    except ValueError:
-        return False
 
 
 class _Call:
@@ -169,7 +161,7 @@ class ChatRepairer(StreamRepairer):
                     args is not None
                     and known.progress.complete
                     and starts_value(args)
-                    and not _same_json(args, known.args)
+                    and not same_json(args, known.args)
                 ):
                     return None, "concatenated_call"
                 return known, None
@@ -200,7 +192,7 @@ class ChatRepairer(StreamRepairer):
             args is not None
             and current.progress.complete
             and starts_value(args)
-            and not _same_json(args, current.args)
+            and not same_json(args, current.args)
         ):
             return None, "concatenated_call"
         return current, None
@@ -265,7 +257,7 @@ class ChatRepairer(StreamRepairer):
                     self._note("double_encoded_arguments")
                     fn["arguments"] = args = inner
                     changed = True
-            elif call.progress.complete and args.strip() and _same_json(args, call.args):
+            elif call.progress.complete and args.strip() and same_json(args, call.args):
                 self._note("duplicate_arguments")
                 fn["arguments"] = args = ""
                 changed = True
@@ -480,7 +472,7 @@ def _fix_whole_call(call: dict[str, Any], repairs: Counter[str]) -> list[dict[st
     parts = split_concatenated(args)
     if parts is None:
         return [call]
-    if all(_same_json(p, parts[0]) for p in parts[1:]):
+    if all(same_json(p, parts[0]) for p in parts[1:]):
         repairs["duplicate_arguments"] += len(parts) - 1
         fn["arguments"] = parts[0]
         return [call]

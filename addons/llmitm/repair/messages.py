@@ -9,7 +9,7 @@ from typing import Any
 from llmitm.sse import Frame
 
 from ._base import StreamRepairer
-from ._json import JsonProgress, arguments_text, is_int, short_hash
+from ._json import JsonProgress, arguments_text, is_int, same_json, short_hash
 
 _TOOL_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
 _WANTED = frozenset({"message_start", "content_block_start", "message_delta"})
@@ -114,22 +114,13 @@ class MessagesRepairer(StreamRepairer):
             changed = True
         if block is None:
             return changed
-        if block.progress.complete and text.strip() and _same_json(text, block.args):
+        if block.progress.complete and text.strip() and same_json(text, block.args):
             delta["partial_json"] = text = ""
             self._note("duplicate_arguments")
             changed = True
         block.args += text
         block.progress.feed(text)
         return changed
-
-
-def _same_json(a: str, b: str) -> bool:
-    if a.strip() == b.strip():
-        return True
-    try:
-        return bool(json.loads(a) == json.loads(b))
-    except ValueError:
-        return False
 
 
 # --- whole (non-streamed) responses -----------------------------------------------------------
