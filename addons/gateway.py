@@ -6,7 +6,9 @@ the ones before it decided from ``flow.metadata`` (keys in llmitm/flowmeta.py) a
 
 from configuration import Configuration
 from control import Control
+from guard import Guard
 from identify import Identify
+from recorder import Recorder
 from repair import Repair
 from resolve import Resolve, UpstreamProbe
 from session_headers import SessionHeaders
@@ -21,8 +23,8 @@ addons = [
     # [stack: payments]
     Streams(),  # SSE responses stream through one pipeline; later addons add stages and taps
     Repair(),  # tool-call repair: a stage on the SSE pipeline, JSON bodies in `response`
-    # [stack: guard]
+    Guard(),  # last look before the wire: secrets out of scope or session are marked (or 403)
     # [stack: concurrency]
     UpstreamProbe(),  # last before the wire: a dead upstream gets a 502 in the provider's shape
-    # [stack: recorder]
+    Recorder(),  # last of all: each finished flow appended, redacted, to <session>-<day>.mitm
 ]

@@ -8,7 +8,9 @@ port, path, query and body; headers ignored), over redacted forms so a redacted 
 matches live requests that carry the real secrets (see ``llmitm.replaykeys``). Each recorded
 flow is served once, in order (``--reuse``: keep serving the first match). Streamed bodies are
 sent chunk by chunk with their recorded pacing (``llmitm.stream_timing``); other SSE bodies frame
-by frame ``--frame-gap`` apart. Unmatched requests get a 404 JSON error of type
+by frame ``--frame-gap`` apart. Where a repair changed a stream, the recording keeps the
+upstream's bytes too; ``--upstream-original`` serves those instead of what the client received.
+Unmatched requests get a 404 JSON error of type
 ``replay_miss``. Prints ``{"ready": true, "port": N}`` on stdout once listening; logs to stderr.
 """
 
@@ -36,6 +38,7 @@ from mitmproxy.net import encoding
 
 from llmitm import flowmeta
 from llmitm.leaks import load_config_secrets
+from llmitm.recording import UPSTREAM_ORIGINAL_BODY, UPSTREAM_ORIGINAL_TIMING
 from llmitm.redact import SecretSet
 from llmitm.replaykeys import MatchOptions, ReplayIndex, RequestView
 
@@ -104,13 +107,20 @@ def sse_schedule(body: bytes, gap: float) -> list[tuple[float, int]]:
     return out
 
 
-def served_from(flow: http.HTTPFlow, frame_gap: float) -> Served | None:
+def served_from(flow: http.HTTPFlow, frame_gap: float, upstream_original: bool = False) -> Served | None:
+    """What the client received (the recorded body and its timing), or with
+    ``upstream_original`` what the upstream sent, where a repair changed the stream and the
+    recorder kept the original beside it (``llmitm.upstream_original_body``)."""
     resp = flow.response
     if resp is None:
         return None
     body = resp.raw_content or b""
     headers = [(k, v) for k, v in resp.headers.fields if k.lower() not in HOP_BY_HOP]
     schedule = _timing(flow.metadata.get(flowmeta.STREAM_TIMING))
+    original = flow.metadata.get(UPSTREAM_ORIGINAL_BODY)
+    if upstream_original and isinstance(original, bytes):
+        body = original
+        schedule = _timing(flow.metadata.get(UPSTREAM_ORIGINAL_TIMING))
     if schedule is None and "text/event-stream" in resp.headers.get("content-type", ""):
         schedule = sse_schedule(body, frame_gap)
     return Served(resp.status_code, headers, body, schedule, f"{flow.request.method} {flow.request.url}")
@@ -122,12 +132,12 @@ def request_view(flow: http.HTTPFlow) -> RequestView:
     return RequestView(req.method, req.scheme, req.pretty_host, req.port, req.path, body)
 
 
-def load(path: str, frame_gap: float) -> list[tuple[RequestView, Served]]:
+def load(path: str, frame_gap: float, upstream_original: bool = False) -> list[tuple[RequestView, Served]]:
     out: list[tuple[RequestView, Served]] = []
     with open(path, "rb") as fh:
         for flow in io.FlowReader(fh).stream():
             if isinstance(flow, http.HTTPFlow) and flow.websocket is None:
-                served = served_from(flow, frame_gap)
+                served = served_from(flow, frame_gap, upstream_original)
                 if served is not None:
                     out.append((request_view(flow), served))
     return out
@@ -282,6 +292,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--config", help="gateway YAML whose secrets are redacted before matching")
     p.add_argument(
+        "--upstream-original",
+        action="store_true",
+        help="serve what the upstream sent where a repair changed a stream (default: what the "
+        "client received)",
+    )
+    p.add_argument(
         "--scheme",
         choices=["http", "https"],
         help="scheme of incoming requests (default: https with TLS, else http)",
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             log(str(e))
             return 2
     try:
-        pairs = load(args.file, args.frame_gap)
+        pairs = load(args.file, args.frame_gap, args.upstream_original)
     except (OSError, FlowReadException) as e:
         log(f"cannot read {args.file}: {e}")
         return 2

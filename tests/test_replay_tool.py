@@ -276,3 +276,20 @@ def test_unreadable_input_exits_2(tmp_path: Path) -> None:
         proc = subprocess.run([str(REPLAY), str(target)], capture_output=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert json.dumps({"ready": True}).encode()[:10] not in proc.stdout
+
+
+def test_upstream_original_served_only_on_request(replay_server, tmp_path: Path) -> None:
+    from llmitm.recording import UPSTREAM_ORIGINAL_BODY, UPSTREAM_ORIGINAL_TIMING
+
+    repaired, original = b"data: fixed\n\n", b"data: brok\n\nen\n\n"
+    path = write_flows(tmp_path / "repaired.mitm", [make_flow(
+        "POST", "http://api.example.test/v1/chat/completions", b'{"stream":true}',
+        response_body=repaired, response_headers=SSE_HEADERS,
+        metadata={flowmeta.STREAM_TIMING: [[0.0, len(repaired)]], flowmeta.UPSTREAM_ORIGINAL: True,
+                  UPSTREAM_ORIGINAL_BODY: original, UPSTREAM_ORIGINAL_TIMING: [[0.0, 12], [0.05, 6]]},
+    )])
+    for flags, want in (({}, repaired), ({"upstream_original": True}, original)):
+        with client(replay_server(path, **flags)) as c:
+            r = c.post("/v1/chat/completions", content=b'{"stream":true}',
+                       headers={"host": "api.example.test"})
+            assert r.content == want

@@ -472,46 +472,78 @@ def learn_secrets(recorded: Iterable[OutgoingRequest]) -> list[KnownSecret]:
     return out
 
 
-# -- reading secrets from a config file ------------------------------------------------------
-# A stand-in until the gateway's config model exposes its secrets: ``secrets_from_config`` is
-# the one function to replace. It reads only what the leak checks and redaction need.
+# -- secrets of a gateway configuration ------------------------------------------------------
+# Built from the validated ``GatewayConfig`` (the same object the gateway runs on), plus the
+# control API's runtime state when the caller has it. Which configured header values count as
+# secrets is decided here, once, for redaction, the guard and the offline scanner alike.
 
-_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SENSITIVE_NAME = re.compile(
-    r"auth|key|token|secret|cookie|session|signature|password|passwd|credential|payment", re.I
+    r"auth|key|token|secret|cookie|session|signature|password|passwd|credential|payment|bearer",
+    re.I,
 )
+# Lower-case words and numbers joined by punctuation ("prompt-caching-2024-07-31",
+# "claude-3-5-sonnet-20241022"): identifiers, not credentials.
+_PLAIN_WORDS = re.compile(r"[a-z]+(?:[-._=:/](?:[a-z]+|[0-9]+))*")
 _API_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 
 
-def _expand(value: str, env: Mapping[str, str]) -> tuple[str, bool, bool]:
-    """(expanded, any variable used, all resolved). Unset variables stay as written."""
-    used = False
-    resolved = True
-
-    def sub(m: re.Match[str]) -> str:
-        nonlocal used, resolved
-        if m.group(0) == "$${":
-            return "${"
-        name, default = m.group(1), m.group(2)
-        if name in env:
-            used = True
-            return env[name]
-        if default is not None:
-            used = True
-            return default
-        resolved = False
-        return m.group(0)
-
-    if "$" not in value:
-        return value, False, True
-    return _VAR.sub(sub, value), used, resolved
+def looks_like_credential(value: str) -> bool:
+    """A value shaped like a key: at least 16 characters without spaces (after an auth scheme),
+    letters and digits mixed, and not just lower-case words and numbers joined by dashes."""
+    token = bare_token(value) or value.strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        return False
+    if not (any(c.isdigit() for c in token) and any(c.isalpha() for c in token)):
+        return False
+    return _PLAIN_WORDS.fullmatch(token) is None
 
 
-def is_secret_header(name: str, from_env: bool) -> bool:
-    """Which configured header values count as secrets: those from environment variables and
-    those whose header name says so (auth, key, token, cookie, ...). Plain literals such as
-    ``anthropic-version: 2023-06-01`` do not (they would hit everywhere)."""
-    return from_env or _SENSITIVE_NAME.search(name) is not None
+def is_secret_header(name: str, value: str, from_env: bool = False) -> bool:
+    """Which configured header values count as secrets: those written as ``${VAR}`` in the
+    file, those whose header name says so (auth, key, token, cookie, ...), and values shaped
+    like a key. Plain literals such as ``anthropic-version: 2023-06-01`` do not (they would hit
+    everywhere)."""
+    return from_env or _SENSITIVE_NAME.search(name) is not None or looks_like_credential(value)
+
+
+def env_sourced_headers(text: str) -> frozenset[tuple[str, str, str]]:
+    """``(session, scope, header)`` of the session headers written with ``${VAR}`` in a config
+    file's text (unparseable text: none)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return frozenset()
+    out: set[tuple[str, str, str]] = set()
+    sessions = raw.get("sessions") if isinstance(raw, Mapping) else None
+    if not isinstance(sessions, Mapping):
+        return frozenset()
+    for sid, sess in sessions.items():
+        headers = sess.get("headers") if isinstance(sess, Mapping) else None
+        if not isinstance(headers, Mapping):
+            continue
+        for scope, names in headers.items():
+            if not isinstance(names, Mapping):
+                continue
+            for name, value in names.items():
+                if isinstance(value, str) and "${" in value.replace("$${", ""):
+                    out.add((str(sid), str(scope), str(name)))
+    return frozenset(out)
+
+
+def _secret(value: Any) -> str:
+    """The plain text of a ``SecretStr`` (or str); "" for None."""
+    if value is None:
+        return ""
+    getter = getattr(value, "get_secret_value", None)
+    text = getter() if callable(getter) else value
+    return text if isinstance(text, str) else ""
+
+
+def _wallet_is_secret(text: str) -> bool:
+    # A base58 secret inline; a keypair file path is not itself the secret.
+    return len(text) >= 32 and "/" not in text and not text.startswith("~") and not text.endswith(".json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,11 +551,90 @@ class ConfigSecrets:
     known: tuple[KnownSecret, ...]
     redact_names: tuple[str, ...]  # record.redact
 
-    def secret_set(self) -> SecretSet:
-        return SecretSet([s.value for s in self.known if s.value], self.redact_names)
+    @property
+    def values(self) -> frozenset[str]:
+        return frozenset(s.value for s in self.known if s.value)
+
+    def secret_set(self, extra_names: Iterable[str] = ()) -> SecretSet:
+        return SecretSet(self.values, [*self.redact_names, *extra_names])
 
     def checker(self, learned: Iterable[KnownSecret] = ()) -> LeakChecker:
         return LeakChecker(self.known, learned=learned)
+
+
+ScopedHeaders = Mapping[str, Mapping[str, str]]  # scope -> header name -> value
+
+
+def secrets_from_config(
+    config: Any,
+    *,
+    session_headers: Mapping[str, ScopedHeaders] | None = None,
+    turn_headers: Mapping[str, Mapping[str, str]] | None = None,
+    env_headers: frozenset[tuple[str, str, str]] = frozenset(),
+) -> ConfigSecrets:
+    """Secrets of a validated ``GatewayConfig``: session tokens, secret session header values
+    (see ``is_secret_header``), the admin token, an inline x402 wallet, profile keys and
+    headers (when the config has profiles), and ``record.redact``.
+
+    ``session_headers``: the effective headers per session when the control API changed them
+    at run time (session -> scope -> name -> value; defaults to the config's). ``turn_headers``:
+    the control API's stored turn per session (sent to any provider host of that session).
+    ``env_headers``: from ``env_sourced_headers`` of the file's text.
+    """
+    known: list[KnownSecret] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(origin: str, value: str, **kw: Any) -> None:
+        if value and (origin, value) not in seen:
+            seen.add((origin, value))
+            known.append(KnownSecret(origin=origin, value=value, **kw))
+
+    sessions: Mapping[str, Any] = getattr(config, "sessions", None) or {}
+    for sid, sess in sessions.items():
+        add(f"sessions.{sid}.token", _secret(getattr(sess, "token", None)), session=sid)
+    effective: dict[str, ScopedHeaders] = {
+        sid: getattr(sess, "headers", None) or {} for sid, sess in sessions.items()
+    }
+    effective.update(session_headers or {})
+    for sid, scopes in effective.items():
+        for scope_text, names in scopes.items():
+            scope = Scope.parse(scope_text)
+            for name, value in names.items():
+                if is_secret_header(name, value, (sid, scope_text, name) in env_headers):
+                    add(
+                        f"sessions.{sid}.headers.{scope_text}.{name}",
+                        value,
+                        session=sid,
+                        scope=scope,
+                        headers=(name,),
+                    )
+    for sid, turn in (turn_headers or {}).items():
+        for name, value in turn.items():
+            if is_secret_header(name, value):
+                add(f"turn of session {sid}: {name}", value, session=sid, scope=ANYWHERE, headers=(name,))
+
+    profiles: Mapping[str, Any] = getattr(config, "profiles", None) or {}
+    for pname, prof in profiles.items():
+        base = getattr(prof, "base_url", None)
+        pscope = _scope_of_url(str(base)) if base else None
+        add(f"profiles.{pname}.api_key", _secret(getattr(prof, "api_key", None)), scope=pscope,
+            headers=_API_KEY_HEADERS)
+        for name, value in (getattr(prof, "headers", None) or {}).items():
+            text = _secret(value)
+            if is_secret_header(name, text):
+                add(f"profiles.{pname}.headers.{name}", text, scope=pscope, headers=(name,))
+
+    control = getattr(config, "control", None)
+    add("control.admin_token", _secret(getattr(control, "admin_token", None)))
+
+    x402 = getattr(config, "x402", None)
+    wallet = _secret(getattr(x402, "wallet", None))
+    if _wallet_is_secret(wallet):
+        add("x402.wallet", wallet)
+
+    record = getattr(config, "record", None)
+    redact_names = tuple(str(n) for n in (getattr(record, "redact", None) or ()))
+    return ConfigSecrets(tuple(known), redact_names)
 
 
 def _scope_of_url(base_url: str) -> Scope | None:
@@ -535,100 +646,16 @@ def _scope_of_url(base_url: str) -> Scope | None:
     return Scope(host, f"{path}/*" if path else None)
 
 
-def secrets_from_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> ConfigSecrets:
-    """Secrets of a parsed (not yet expanded) gateway YAML: session header values and tokens,
-    profile keys and headers, the admin token, an inline wallet secret, ``record.redact``."""
-    known: list[KnownSecret] = []
+def load_config_secrets(path: str | Path, env: Mapping[str, str] | None = None) -> ConfigSecrets:
+    """Secrets of a gateway YAML file, loaded and validated the way the gateway loads it.
 
-    def add(origin: str, value: Any, **kw: Any) -> None:
-        if not isinstance(value, str):
-            return
-        text, _, resolved = _expand(value, env)
-        if text and resolved:
-            known.append(KnownSecret(origin=origin, value=text, **kw))
+    Raises ``ValueError`` (``llmitm.config.ConfigError``) when the file is unreadable or invalid.
+    """
+    from llmitm.config import load_config_file
 
-    sessions = raw.get("sessions")
-    if isinstance(sessions, Mapping):
-        for sid, sess in sessions.items():
-            if not isinstance(sess, Mapping):
-                continue
-            add(f"sessions.{sid}.token", sess.get("token"), session=str(sid))
-            headers = sess.get("headers")
-            if not isinstance(headers, Mapping):
-                continue
-            for scope_text, hmap in headers.items():
-                if not isinstance(hmap, Mapping):
-                    continue
-                scope = Scope.parse(str(scope_text))
-                for hname, hvalue in hmap.items():
-                    if not isinstance(hvalue, str):
-                        continue
-                    _, from_env, _ = _expand(hvalue, env)
-                    if is_secret_header(str(hname), from_env):
-                        add(
-                            f"sessions.{sid}.headers.{scope_text}.{hname}",
-                            hvalue,
-                            session=str(sid),
-                            scope=scope,
-                            headers=(str(hname),),
-                        )
-
-    profiles = raw.get("profiles")
-    if isinstance(profiles, Mapping):
-        for pname, prof in profiles.items():
-            if not isinstance(prof, Mapping):
-                continue
-            base = prof.get("base_url")
-            pscope = None
-            if isinstance(base, str):
-                pscope = _scope_of_url(_expand(base, env)[0])
-            add(
-                f"profiles.{pname}.api_key",
-                prof.get("api_key"),
-                scope=pscope,
-                headers=_API_KEY_HEADERS,
-            )
-            pheaders = prof.get("headers")
-            if isinstance(pheaders, Mapping):
-                for hname, hvalue in pheaders.items():
-                    if isinstance(hvalue, str) and is_secret_header(str(hname), _expand(hvalue, env)[1]):
-                        add(
-                            f"profiles.{pname}.headers.{hname}",
-                            hvalue,
-                            scope=pscope,
-                            headers=(str(hname),),
-                        )
-
-    control = raw.get("control")
-    if isinstance(control, Mapping):
-        add("control.admin_token", control.get("admin_token"))
-
-    x402 = raw.get("x402")
-    if isinstance(x402, Mapping):
-        wallet = x402.get("wallet")
-        if isinstance(wallet, str):
-            text = _expand(wallet, env)[0]
-            # A base58 secret inline (a keypair file path is not itself the secret).
-            if len(text) >= 32 and "/" not in text and not text.endswith(".json"):
-                add("x402.wallet", wallet)
-
-    names: list[str] = []
-    record = raw.get("record")
-    if isinstance(record, Mapping) and isinstance(record.get("redact"), list):
-        names = [str(n) for n in record["redact"] if isinstance(n, str)]
-    return ConfigSecrets(tuple(known), tuple(names))
-
-
-def load_config_secrets(path: str | Path, env: Mapping[str, str]) -> ConfigSecrets:
-    """Read a gateway YAML file; raises ``ValueError`` when it cannot be read or parsed."""
-    import yaml
-
+    config = load_config_file(path, env)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read config: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    return secrets_from_config(raw, env)
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    return secrets_from_config(config, env_headers=env_sourced_headers(text))

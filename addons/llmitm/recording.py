@@ -1,23 +1,181 @@
-"""Configuration of recording (SPEC §9 ``record``) and of the leak guard (``guard``)."""
+"""Recording (SPEC §9 ``record``) and the leak guard (``guard``): configuration and the plain
+logic of the recorder. Imports nothing from mitmproxy; the addons are ``addons/recorder.py`` and
+``addons/guard.py``.
+
+A recording is one mitmproxy flow file per session and UTC day, ``<dir>/<session>-<date>.mitm``,
+appended one whole flow at a time. What the recorder leaves on a flow's metadata:
+
+- ``llmitm.stream_timing`` (flowmeta.STREAM_TIMING): ``[[seconds_after_response_headers, nbytes],
+  ...]`` of a streamed body as the client received it (the body is the response content);
+- ``llmitm.upstream_original`` (flowmeta.UPSTREAM_ORIGINAL): ``True`` when a repair changed the
+  stream; then ``llmitm.upstream_original_body`` holds the upstream's bytes (``bytes``, redacted
+  and bounded like the body) and ``llmitm.upstream_original_timing`` their timing;
+- ``llmitm.truncated``: ``{"request"|"response"|"upstream_original"|"websocket": original
+  length}`` for each body cut at ``record.max_body``.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+UPSTREAM_ORIGINAL_BODY = "llmitm.upstream_original_body"  # bytes: the upstream's stream body
+UPSTREAM_ORIGINAL_TIMING = "llmitm.upstream_original_timing"  # list[[seconds, nbytes]]
+TRUNCATED = "llmitm.truncated"  # dict[str, int]: part -> length before the cut
+RECORDING_SUFFIX = ".mitm"
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 class RecordConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dir: str | None = Field(
-        "recordings", description="one flow file per session and day; null turns recording off"
+        "recordings",
+        description="one flow file per session and UTC day (relative to mitmdump's working "
+        "directory); null turns recording off",
     )
     redact: list[str] = Field(default_factory=list, description="extra header names to redact")
     max_body: int = Field(1_000_000, ge=0, description="bytes of each body kept in a recording")
+    upstream_original: bool = Field(
+        True, description="keep the upstream's bytes beside a stream that a repair changed"
+    )
+
+    @field_validator("redact")
+    @classmethod
+    def _header_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return value
 
 
 class GuardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["mark", "block"] = "mark"
+    action: Literal["mark", "block"] = Field(
+        "mark", description="mark: mark the flow and log; block: also answer 403, send nothing"
+    )
+
+
+# -- file names --------------------------------------------------------------------------------
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_session(session: str) -> str:
+    """A session id usable as a file name part (ids from X-Llmitm-Session are not validated)."""
+    text = _UNSAFE.sub("_", session)[:64].lstrip(".")
+    return text or "_"
+
+
+def recording_name(session: str, timestamp: float) -> str:
+    """``<session>-<YYYY-MM-DD>.mitm`` for the UTC day of ``timestamp``."""
+    day = datetime.fromtimestamp(timestamp, UTC).date().isoformat()
+    return f"{safe_session(session)}-{day}{RECORDING_SUFFIX}"
+
+
+_TNET_TYPES = frozenset(b",;#^!~}]")
+
+
+def valid_prefix(path: str | os.PathLike[str]) -> int:
+    """Length of the leading whole tnetstring records of a flow file (its size when intact).
+
+    A process killed in the middle of a write leaves a partial record at the end; appending
+    after it would make every later flow unreadable. Only length prefixes are read, so this is
+    cheap even for large files.
+    """
+    good = 0
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while good < size:
+            fh.seek(good)
+            head = fh.read(12)
+            colon = head.find(b":")
+            if colon <= 0 or not head[:colon].isdigit():
+                break
+            end = good + colon + 1 + int(head[:colon])
+            if end >= size:
+                break
+            fh.seek(end)
+            kind = fh.read(1)
+            if not kind or kind[0] not in _TNET_TYPES:
+                break
+            good = end + 1
+    return good
+
+
+# -- streamed bodies ---------------------------------------------------------------------------
+# Bytes kept beyond max_body so that a secret cut by the limit is still redacted whole.
+SLACK = 64 * 1024
+
+
+class StreamCapture:
+    """The bytes of one streamed body with their timing, bounded.
+
+    ``add`` per chunk; ``ends`` holds ``(seconds since start, end offset)`` per chunk (chunks
+    closer than a millisecond are merged), for the first ``limit + SLACK`` bytes.
+    """
+
+    __slots__ = ("_clock", "data", "ends", "limit", "start", "total")
+
+    def __init__(self, limit: int, start: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.limit = limit
+        self._clock = clock
+        self.start = clock() if start is None else start
+        self.data = bytearray()
+        self.ends: list[tuple[float, int]] = []
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.total += len(chunk)
+        room = self.limit + SLACK - len(self.data)
+        if room <= 0:
+            return
+        self.data += chunk[:room]
+        t = max(0.0, self._clock() - self.start)
+        if self.ends and t - self.ends[-1][0] < 0.001:
+            self.ends[-1] = (self.ends[-1][0], len(self.data))
+        else:
+            self.ends.append((t, len(self.data)))
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self.data)
+
+    @property
+    def offsets(self) -> list[int]:
+        return [end for _, end in self.ends]
+
+
+def timing_of(ends: list[tuple[float, int]], mapped: list[int], length: int) -> list[list[float | int]]:
+    """``[[seconds, nbytes], ...]`` for a body of ``length`` bytes whose chunks end at ``mapped``
+    (``ends`` offsets after redaction moved them); chunks past ``length`` are cut off."""
+    out: list[list[float | int]] = []
+    prev = 0
+    for (t, _), end in zip(ends, mapped, strict=True):
+        end = min(end, length)
+        if end > prev:
+            out.append([round(t, 4), end - prev])
+            prev = end
+        if prev >= length:
+            break
+    if prev < length:  # bytes not covered (e.g. mapping lost): send them with the last chunk
+        if out:
+            out[-1][1] = int(out[-1][1]) + length - prev
+        else:
+            out.append([0.0, length - prev])
+    return out
+
+
+def recording_path(directory: str, session: str, timestamp: float) -> Path:
+    return Path(directory) / recording_name(session, timestamp)

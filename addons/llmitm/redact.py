@@ -256,6 +256,37 @@ class SecretSet:
         mapping = self._bytes_map
         return regex.sub(lambda m: mapping[m.group(0)].encode(), data)
 
+    def redact_bytes_mapped(self, data: bytes, offsets: Sequence[int]) -> tuple[bytes, list[int]]:
+        """``redact_bytes`` plus where each of ``offsets`` (ascending positions in ``data``, e.g.
+        the ends of streamed chunks) lands in the result; an offset inside a replaced secret
+        moves to the end of its marker."""
+        if self._bytes_re is None or not data or self._bytes_re.search(data) is None:
+            return data, list(offsets)
+        mapping = self._bytes_map
+        out: list[bytes] = []
+        spans: list[tuple[int, int, int]] = []  # (start, end, marker length)
+        pos = 0
+        for m in self._bytes_re.finditer(data):
+            out.append(data[pos : m.start()])
+            marker = mapping[m.group(0)].encode()
+            out.append(marker)
+            spans.append((m.start(), m.end(), len(marker)))
+            pos = m.end()
+        out.append(data[pos:])
+        mapped: list[int] = []
+        shift = 0
+        i = 0
+        for off in offsets:
+            while i < len(spans) and spans[i][1] <= off:
+                shift += spans[i][2] - (spans[i][1] - spans[i][0])
+                i += 1
+            if i < len(spans) and spans[i][0] < off:  # inside a secret: end of its marker
+                start, _end, size = spans[i]
+                mapped.append(start + shift + size)
+            else:
+                mapped.append(off + shift)
+        return b"".join(out), mapped
+
     def contains(self, data: str | bytes) -> bool:
         """True when a secret (>= ``min_len``) occurs inside ``data``."""
         if isinstance(data, bytes):

@@ -79,7 +79,9 @@ class Gateway:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     def bundle(self) -> Path:
-        return ca_bundle(self.mitm_ca, self.workdir / "ca-bundle.pem")
+        """Written once per gateway: concurrent clients must never read a half-written file."""
+        path = self.workdir / "ca-bundle.pem"
+        return path if path.exists() else ca_bundle(self.mitm_ca, path)
 
     def client_env(self, proxy_url: str | None = None) -> dict[str, str]:
         """The variables each client reads, as scripts/run prints them."""

@@ -19,6 +19,8 @@ from llmitm.leaks import (
     OutgoingRequest,
     Scope,
     learn_secrets,
+    load_config_secrets,
+    looks_like_credential,
     secrets_from_config,
 )
 from llmitm.redact import SecretSet, redacted
@@ -283,49 +285,101 @@ def test_learned_owners_without_config() -> None:
 
 
 # -- config ------------------------------------------------------------------------------------
-def test_secrets_from_config() -> None:
-    raw = {
-        "sessions": {
-            "team-a": {
-                "token": "${TEAM_A_TOKEN}",
-                "headers": {
-                    "api.openai.com": {
-                        "Authorization": "Bearer ${OPENAI_KEY}",
-                        "OpenAI-Beta": "assistants=v2",
-                        "X-Custom": "${CUSTOM}",
-                    },
-                    "api.anthropic.com/v1/*": {"x-api-key": "${MISSING_VAR}"},
-                },
-            }
-        },
-        "profiles": {"fast": {"base_url": "https://openrouter.ai/api/v1", "api_key": "lit-key-123"}},
-        "control": {"admin_token": "admin-${ADMIN:-default-admin}"},
-        "record": {"redact": ["X-Internal"]},
-    }
+CONFIG_TEXT = """
+sessions:
+  team-a:
+    token: ${TEAM_A_TOKEN}
+    headers:
+      api.openai.com:
+        Authorization: Bearer ${OPENAI_KEY}
+        OpenAI-Beta: assistants=v2
+        X-Custom: ${CUSTOM}
+        X-Org: Org7Zq2LkP9xW4mN0vB
+        anthropic-beta: prompt-caching-2024-07-31
+control:
+  admin_token: admin-${ADMIN:-default-admin}
+x402:
+  wallet: 4NMwxzmYj2uvHuq8xoqhY8RXg63KSVJM1DXkpbmkUY7YQWuoyQgFnnzn6yo3CMnqDasnvybXMMcHNGBMqJ3DDWGb
+  rpc_url: http://127.0.0.1:8899
+  networks: [solana-devnet]
+  assets: [EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v]
+  limits: {per_request: "0.05", per_session_per_day: "1", total_per_day: "5"}
+record:
+  redact: [X-Internal]
+"""
+
+
+def test_secrets_from_config(tmp_path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(CONFIG_TEXT)
     env = {"TEAM_A_TOKEN": "tok-a-123456", "OPENAI_KEY": OPENAI_KEY, "CUSTOM": "custom-val-1"}
-    cfg = secrets_from_config(raw, env)
+    cfg = load_config_secrets(path, env)
     by_origin = {s.origin: s for s in cfg.known}
     assert set(by_origin) == {
         "sessions.team-a.token",
         "sessions.team-a.headers.api.openai.com.Authorization",
-        "sessions.team-a.headers.api.openai.com.X-Custom",
-        "profiles.fast.api_key",
+        "sessions.team-a.headers.api.openai.com.X-Custom",  # from ${CUSTOM}
+        "sessions.team-a.headers.api.openai.com.X-Org",  # shaped like a key
         "control.admin_token",
+        "x402.wallet",
     }
     auth = by_origin["sessions.team-a.headers.api.openai.com.Authorization"]
     assert auth.value == f"Bearer {OPENAI_KEY}" and auth.session == "team-a"
     assert auth.scope == Scope("api.openai.com") and auth.headers == ("authorization",)
     assert by_origin["sessions.team-a.token"].scope is None
-    assert by_origin["profiles.fast.api_key"].scope == Scope("openrouter.ai", "/api/v1/*")
     assert by_origin["control.admin_token"].value == "admin-default-admin"
+    assert by_origin["x402.wallet"].scope is None
     assert cfg.redact_names == ("X-Internal",)
     assert cfg.secret_set().redact_header("x-internal", "v") == redacted("v")
+    with pytest.raises(ValueError, match="is not set"):
+        load_config_secrets(path, {})
+
+
+def test_secrets_from_config_runtime_headers_and_wallet_path() -> None:
+    from llmitm.config import parse_config
+
+    config = parse_config(
+        "sessions:\n  s1:\n    headers:\n      api.openai.com: {Authorization: Bearer k-0123456789}\n"
+        "x402:\n  wallet: ~/.config/solana/id.json\n  rpc_url: http://127.0.0.1:1\n"
+        "  networks: [solana]\n  assets: [EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v]\n"
+        "  limits: {per_request: '1', per_session_per_day: '1', total_per_day: '1'}\n",
+        env={},
+    )
+    cfg = secrets_from_config(
+        config,
+        session_headers={"s1": {"api.anthropic.com": {"x-api-key": "runtime-key-0123456789"}}},
+        turn_headers={"s2": {"Authorization": "Bearer turn-key-0123456789", "X-Trace": "t1"}},
+    )
+    by_origin = {s.origin: s for s in cfg.known}
+    assert set(by_origin) == {
+        "sessions.s1.headers.api.anthropic.com.x-api-key",
+        "turn of session s2: Authorization",
+    }
+    assert by_origin["turn of session s2: Authorization"].session == "s2"
+
+
+@pytest.mark.parametrize("value,secret", [
+    ("2023-06-01", False),
+    ("prompt-caching-2024-07-31", False),
+    ("claude-3-5-sonnet-20241022", False),
+    ("application/json", False),
+    ("sk-0123456789abcdef", True),
+    ("Bearer AbCdEf0123456789xyz", True),
+    ("0123456789abcdef0123", True),
+])
+def test_looks_like_credential(value: str, secret: bool) -> None:
+    assert looks_like_credential(value) is secret
 
 
 # -- properties --------------------------------------------------------------------------------
+# Findings name headers, hosts, sessions and scopes; a "secret" that is a piece of those words
+# (e.g. "Authoriz") would be found in an explanation without any leak, so such draws are skipped.
+_VOCABULARY = ("authorization x-api-key api.openai.com/v1/* telemetry.example.test chatgpt.com "
+               "api.anthropic.com session team-a team-b default request header secret from allowed "
+               "other_session out_of_scope_host out_of_scope_path in_url in_body other_header")
 SECRET = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=8, max_size=48
-)
+).filter(lambda s: s.lower() not in _VOCABULARY)
 FILLER = st.text(alphabet=' abcxyz:/{}",=', max_size=40)
 HOSTS = st.sampled_from(["api.openai.com", "telemetry.example.test", "chatgpt.com", "api.anthropic.com"])
 

@@ -1,0 +1,255 @@
+"""Recorder and guard addons with mitmproxy's own test helpers: redaction on a copy, streamed
+bodies and the upstream original, crash-safe appends, the guard's findings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mitmproxy import http, io
+from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from configuration import Configuration
+from guard import Guard
+from llmitm import flowmeta
+from llmitm.recording import (
+    TRUNCATED,
+    UPSTREAM_ORIGINAL_BODY,
+    UPSTREAM_ORIGINAL_TIMING,
+    StreamCapture,
+    recording_name,
+    safe_session,
+    timing_of,
+    valid_prefix,
+)
+from llmitm.redact import SecretSet, redacted
+from llmitm.streaming import StreamPipeline
+from recorder import Recorder, serialize
+
+KEY = "sk-proj-unit-Q1w2E3r4T5y6U7i8"
+TOKEN = "unit-token-0a1b2c3d"
+CONFIG = f"""
+sessions:
+  team-a:
+    token: {TOKEN}
+    headers:
+      api.openai.com:
+        Authorization: Bearer {KEY}
+record:
+  dir: {{dir}}
+  max_body: {{max_body}}
+  redact: [X-Private]
+guard:
+  action: {{action}}
+"""
+
+
+def configured(tctx: taddons.context, cfg: Configuration, tmp_path: Path, *, action: str = "mark",
+               max_body: int = 100_000) -> Path:
+    rec = tmp_path / "rec"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(CONFIG.format(dir=rec, max_body=max_body, action=action))
+    tctx.configure(cfg, llmitm_config=str(path))
+    return rec
+
+
+def openai_flow(body: bytes = b"{}", session: str = "team-a") -> http.HTTPFlow:
+    flow = tflow.tflow(resp=True)
+    flow.request.host = "api.openai.com"
+    flow.request.port = 443
+    flow.request.scheme = "https"
+    flow.request.path = "/v1/chat/completions"
+    flow.request.headers["Authorization"] = f"Bearer {KEY}"
+    flow.request.content = body
+    flow.metadata[flowmeta.SESSION] = session
+    flow.metadata[flowmeta.INJECTED] = [{"name": "Authorization", "origin": "session",
+                                         "scope": "api.openai.com", "session": "team-a"}]
+    return flow
+
+
+def read(rec: Path) -> list[http.HTTPFlow]:
+    out = []
+    for path in sorted(rec.glob("*.mitm")):
+        with open(path, "rb") as fh:
+            out += [f for f in io.FlowReader(fh).stream() if isinstance(f, http.HTTPFlow)]
+    return out
+
+
+# -- recorder ----------------------------------------------------------------------------------
+def test_redacts_a_copy_never_the_live_flow(tmp_path: Path) -> None:
+    cfg, recorder = Configuration(), Recorder()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        flow = openai_flow(json.dumps({"k": KEY, "p": "priv-value-123"}).encode())
+        flow.request.path += f"?token={TOKEN}"
+        flow.request.headers["X-Private"] = "priv-value-123"
+        flow.request.headers["PAYMENT-SIGNATURE"] = "eyJwYXlsb2FkIjoic2lnbmVkIn0="
+        flow.response.headers["set-cookie"] = "sid=cookie-secret-987; Path=/"
+        flow.response.content = b'{"echo": "cookie-secret-987 eyJwYXlsb2FkIjoic2lnbmVkIn0="}'
+        flow.metadata["proxyauth"] = ("team-a", TOKEN)
+        flow.metadata["odd"] = bytearray(KEY.encode())  # would break FlowWriter as it is
+        flow.comment = f"note {KEY}"
+        flow.backup()
+        before = flow.get_state()
+        recorder.response(flow)
+        assert flow.get_state() == before  # the live flow is untouched
+        (got,) = read(rec)
+    data = next(rec.glob("*.mitm")).read_bytes()
+    for secret in (KEY, TOKEN, "priv-value-123", "cookie-secret-987", "eyJwYXlsb2FkIjoic2lnbmVkIn0="):
+        assert secret.encode() not in data
+    assert got.id == flow.id
+    assert got.request.headers["authorization"] == redacted(f"Bearer {KEY}")
+    assert got.request.headers["x-private"] == redacted("priv-value-123")
+    assert got.request.headers["payment-signature"] == redacted("eyJwYXlsb2FkIjoic2lnbmVkIn0=")
+    assert got.request.path.endswith(f"?token={redacted(TOKEN)}")
+    assert json.loads(got.request.content) == {"k": redacted(KEY), "p": redacted("priv-value-123")}
+    assert got.request.headers["content-length"] == str(len(got.request.raw_content))
+    assert got.response.content == (
+        f'{{"echo": "{redacted("cookie-secret-987")} {redacted("eyJwYXlsb2FkIjoic2lnbmVkIn0=")}"}}'
+    ).encode()
+    assert got.metadata["proxyauth"] == ["team-a", redacted(TOKEN)]
+    assert got.metadata["odd"] == redacted(KEY).encode()
+    assert got.comment == f"note {redacted(KEY)}"
+
+
+def test_recording_file_per_session_and_day(tmp_path: Path) -> None:
+    cfg, recorder = Configuration(), Recorder()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        for session in ("team-a", "team-b", "../evil"):
+            flow = openai_flow(session=session)
+            flow.timestamp_created = 1_700_000_000.0  # 2023-11-14 UTC
+            recorder.response(flow)
+            recorder.error(flow)  # a flow is written once
+    names = sorted(p.name for p in rec.iterdir())
+    assert names == ["_evil-2023-11-14.mitm", "team-a-2023-11-14.mitm", "team-b-2023-11-14.mitm"]
+    assert len(read(rec)) == 3
+    assert safe_session("..") == "_" and recording_name("a b", 0) == "a_b-1970-01-01.mitm"
+
+
+class _Uppercase:
+    """A stand-in repair stage that changes every byte it sees."""
+
+    def __init__(self) -> None:
+        self.upstream_changed = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.upstream_changed = True
+        return [chunk.upper()]
+
+    def finish(self) -> list[bytes]:
+        return []
+
+
+def test_streamed_body_timing_and_upstream_original(tmp_path: Path) -> None:
+    cfg, recorder = Configuration(), Recorder()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        flow = openai_flow()
+        flow.response = tutils.tresp(headers=[(b"content-type", b"text/event-stream")], content=None)
+        pipeline = StreamPipeline()
+        pipeline.add_stage(_Uppercase())
+        flow.response.stream = pipeline
+        recorder.responseheaders(flow)
+        frames = [b"data: a\n\n", f"data: {KEY}\n\n".encode(), b"data: [done]\n\n"]
+        sent = [piece for frame in frames for piece in pipeline(frame)] + pipeline(b"")
+        flow.response.raw_content = None  # what mitmproxy leaves on a streamed response
+        recorder.response(flow)
+        (got,) = read(rec)
+    client = b"".join(sent)
+    assert client == b"".join(frames).upper()
+    assert got.response.raw_content == client  # the upper-cased key is no configured secret
+    assert sum(n for _, n in got.metadata[flowmeta.STREAM_TIMING]) == len(client)
+    assert got.metadata[flowmeta.UPSTREAM_ORIGINAL] is True
+    original = got.metadata[UPSTREAM_ORIGINAL_BODY]
+    assert original == b"data: a\n\n" + f"data: {redacted(KEY)}\n\n".encode() + b"data: [done]\n\n"
+    assert sum(n for _, n in got.metadata[UPSTREAM_ORIGINAL_TIMING]) == len(original)
+
+
+def test_max_body_cuts_and_says_so(tmp_path: Path) -> None:
+    cfg, recorder = Configuration(), Recorder()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path, max_body=10)
+        flow = openai_flow(b"x" * 50)
+        recorder.response(flow)
+        (got,) = read(rec)
+    assert got.request.raw_content == b"x" * 10
+    assert got.metadata[TRUNCATED]["request"] == 50
+
+
+def test_partial_tail_is_cut_before_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "rec" / "team-a-2023-11-14.mitm"
+    path.parent.mkdir()
+    whole = serialize(openai_flow())
+    path.write_bytes(whole + whole[: len(whole) // 2])  # killed in the middle of a write
+    assert valid_prefix(path) == len(whole)
+    cfg, recorder = Configuration(), Recorder()
+    with taddons.context(cfg, recorder) as tctx:
+        configured(tctx, cfg, tmp_path)
+        flow = openai_flow()
+        flow.timestamp_created = 1_700_000_000.0
+        recorder.response(flow)
+    assert "partial flow" in caplog.text
+    assert len(read(path.parent)) == 2
+
+
+def test_capture_and_timing_helpers() -> None:
+    clock = iter([0.0, 0.5, 0.5004]).__next__
+    cap = StreamCapture(limit=4, start=0.0, clock=clock)
+    for chunk in (b"ab", b"cd", b"ef"):
+        cap.add(chunk)
+    assert cap.ends == [(0.0, 2), (0.5, 6)]  # chunks within a millisecond are merged
+    assert cap.body == b"abcdef"  # kept up to limit + SLACK (cut after redaction)
+    assert timing_of([(0.1, 3), (0.2, 6)], [3, 6], 4) == [[0.1, 3], [0.2, 1]]
+    secrets = SecretSet(["secret-123456"])
+    data = b"aa secret-123456 bb"
+    out, mapped = secrets.redact_bytes_mapped(data, [5, len(data)])
+    assert out == secrets.redact_bytes(data) and mapped == [3 + 19, len(out)]
+
+
+# -- guard ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("action", ["mark", "block"])
+def test_guard_finds_and_acts(tmp_path: Path, action: str, caplog: pytest.LogCaptureFixture) -> None:
+    cfg, guard = Configuration(), Guard()
+    with taddons.context(cfg, guard) as tctx:
+        configured(tctx, cfg, tmp_path, action=action)
+        ok = openai_flow()
+        ok.response = None
+        guard.request(ok)
+        assert not ok.marked and ok.response is None
+        leak = openai_flow()
+        leak.response = None
+        leak.request.host = "telemetry.example.test"
+        leak.request.path = f"/collect?k={KEY}"
+        leak.metadata.pop(flowmeta.INJECTED)
+        guard.request(leak)
+        kinds = sorted(x["kind"] for x in leak.metadata[flowmeta.LEAKS])
+        assert kinds == ["in_url", "out_of_scope_host"]
+        assert leak.marked == ":warning:" and "llmitm: LEAK" in leak.comment
+        if action == "block":
+            assert leak.response is not None and leak.response.status_code == 403
+            assert KEY.encode() not in leak.response.content
+            assert KEY not in leak.request.path  # nothing left, so scrubbed at once
+        else:
+            assert leak.response is None
+            assert KEY in leak.request.path  # it goes upstream as the client sent it...
+            leak.response = tutils.tresp()
+            guard.response(leak)
+            assert KEY not in leak.request.path  # ...and is scrubbed once the exchange is over
+    assert "llmitm guard: session team-a" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_guard_websocket_message(tmp_path: Path) -> None:
+    cfg, guard = Configuration(), Guard()
+    with taddons.context(cfg, guard) as tctx:
+        configured(tctx, cfg, tmp_path, action="block")
+        flow = tflow.twebsocketflow()
+        flow.metadata[flowmeta.SESSION] = "team-b"
+        flow.websocket.messages.append(WebSocketMessage(Opcode.TEXT, True, f"k={KEY}".encode()))
+        guard.websocket_message(flow)
+        assert flow.websocket.messages[-1].dropped
+        assert [x["where"] for x in flow.metadata[flowmeta.LEAKS]] == ["websocket"]
