@@ -17,7 +17,10 @@ Endpoints (all OpenAI-compatible ``POST .../v1/chat/completions``):
 - ``/stream/v1/chat/completions``: own v2 endpoint that verifies and settles first, then streams
   SSE ``chat.completion.chunk`` frames ``--interval`` seconds apart, with ``PAYMENT-RESPONSE``.
 - ``GET /v1/models``: free.
-- ``GET /_bank/balances``: ``{"payer", "pay_to", "settlements", "by_endpoint", ...}``;
+- ``GET /_bank/balances``: ``{"payer", "pay_to", "settlements", "by_endpoint" (paid),
+  "requests" (every request by path, 402s included), "streams" ([{first, last}] send times of
+  each paid stream's frames), ...}``; the streaming endpoint takes ``X-Bank-Interval: <s>``,
+  the SDK endpoints ``X-Bank-Delay: <s>`` (a pause between verification and settlement);
   ``POST /_bank/expire_blockhash``; ``POST /rpc``: the bank's Solana JSON-RPC.
 
 The facilitator (and a plain-HTTP copy of ``/rpc``) runs in its own thread and loop on another
@@ -34,7 +37,6 @@ import json
 import os
 import sys
 import time
-import types
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -52,26 +54,6 @@ from .bank import Bank
 from .facilitator import FacilitatorThread, bind_socket
 
 MAX_TIMEOUT_SECONDS = 60
-
-
-def _install_fastapi_alias() -> None:
-    """x402's ASGI middleware imports ``Request``/``Response``/``JSONResponse``/``HTMLResponse``
-    from ``fastapi``, which re-exports them from Starlette unchanged. FastAPI is not installed
-    here, so when it is missing the names are aliased to Starlette's own classes."""
-    try:
-        import fastapi  # noqa: F401
-    except ImportError:
-        import starlette.responses as sr
-
-        mod = types.ModuleType("fastapi")
-        responses = types.ModuleType("fastapi.responses")
-        mod.Request = Request  # type: ignore[attr-defined]
-        mod.Response = sr.Response  # type: ignore[attr-defined]
-        responses.JSONResponse = sr.JSONResponse  # type: ignore[attr-defined]
-        responses.HTMLResponse = sr.HTMLResponse  # type: ignore[attr-defined]
-        mod.responses = responses  # type: ignore[attr-defined]
-        sys.modules["fastapi"] = mod
-        sys.modules["fastapi.responses"] = responses
 
 
 def load_or_create_keypair(path: Path) -> Keypair:
@@ -116,7 +98,6 @@ async def _model_of(request: Request) -> str:
 
 
 def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -> Starlette:
-    _install_fastapi_alias()
     from x402 import x402ResourceServer
     from x402.http import FacilitatorConfig, HTTPFacilitatorClient
     from x402.http.middleware.fastapi import PaymentMiddlewareASGI
@@ -133,7 +114,9 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
     fac_client = HTTPFacilitatorClient(FacilitatorConfig(url=fac.url, timeout=30))
     server = x402ResourceServer(fac_client)
     server.register(info.network, ExactSvmScheme())
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter()  # paid successes per path
+    requests: Counter[str] = Counter()  # every request per path, 402s included
+    streams: list[dict[str, float | None]] = []  # per paid stream: when its frames were sent
 
     def option(amount: int) -> PaymentOption:
         return PaymentOption(
@@ -156,6 +139,13 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
     }
 
     async def sdk_chat(request: Request) -> JSONResponse:
+        # X-Bank-Delay: seconds between the SDK's verify and its settlement (a slow answer)
+        try:
+            delay = min(10.0, max(0.0, float(request.headers.get("x-bank-delay", 0))))
+        except ValueError:
+            delay = 0.0
+        if delay:
+            await asyncio.sleep(delay)
         counts[request.url.path] += 1
         return JSONResponse(completion(await _model_of(request), "paid answer"))
 
@@ -271,6 +261,18 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
         model = await _model_of(request)
         pieces = ["Paid", " streamed", " answer", "."]
 
+        try:
+            spacing = min(5.0, max(0.0, float(request.headers.get("x-bank-interval", interval))))
+        except ValueError:
+            spacing = interval
+        sent: dict[str, float | None] = {"first": None, "last": None}
+        streams.append(sent)
+
+        def stamp(frame: bytes) -> bytes:
+            sent["first"] = sent["first"] or time.time()
+            sent["last"] = time.time()
+            return frame
+
         async def frames() -> AsyncIterator[bytes]:
             base = {
                 "id": f"chatcmpl-x402bank-{time.monotonic_ns()}",
@@ -279,16 +281,16 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
                 "model": model,
             }
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
-            yield f"data: {json.dumps({**base, 'choices': [first]})}\n\n".encode()
+            yield stamp(f"data: {json.dumps({**base, 'choices': [first]})}\n\n".encode())
             for piece in pieces:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(spacing)
                 choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-                yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n".encode()
-            await asyncio.sleep(interval)
+                yield stamp(f"data: {json.dumps({**base, 'choices': [choice]})}\n\n".encode())
+            await asyncio.sleep(spacing)
             last = {"index": 0, "delta": {}, "finish_reason": "stop"}
             usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-            yield f"data: {json.dumps({**base, 'choices': [last], 'usage': usage})}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+            yield stamp(f"data: {json.dumps({**base, 'choices': [last], 'usage': usage})}\n\n".encode())
+            yield stamp(b"data: [DONE]\n\n")
 
         return StreamingResponse(
             frames(),
@@ -307,6 +309,8 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
                 **bank.balances(),
                 "settlements": len(fac.signer.settled),
                 "by_endpoint": dict(counts),
+                "requests": dict(requests),
+                "streams": list(streams),
                 "mint": info.mint,
                 "decimals": info.decimals,
             }
@@ -319,6 +323,17 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
     async def rpc(request: Request) -> JSONResponse:
         return JSONResponse(bank.rpc(json.loads(await request.body())))
 
+    class CountRequests:
+        """Outermost middleware: every request that reaches the seller, by path."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and not scope["path"].startswith(("/_bank", "/rpc")):
+                requests[scope["path"]] += 1
+            await self.app(scope, receive, send)
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", sdk_chat, methods=["POST"]),
@@ -330,7 +345,10 @@ def build_app(bank: Bank, fac: FacilitatorThread, price: int, interval: float) -
             Route("/_bank/expire_blockhash", expire_blockhash, methods=["POST"]),
             Route("/rpc", rpc, methods=["POST"]),
         ],
-        middleware=[Middleware(PaymentMiddlewareASGI, routes=routes, server=server)],
+        middleware=[
+            Middleware(CountRequests),
+            Middleware(PaymentMiddlewareASGI, routes=routes, server=server),
+        ],
     )
 
 
