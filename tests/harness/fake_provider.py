@@ -74,13 +74,44 @@ def sse_file_frames(path: str) -> list[bytes]:
     return frames
 
 
+class StampedFrame:
+    """A frame of an ``x-fake-sse-file`` reply that gains an SSE comment line with its send time
+    (``: t=<epoch seconds>``) when the response encodes it, right before it is written: the frame
+    itself (tool calls and all) stays as recorded, and a client can still measure its lag."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def encode(self, _charset: str = "utf-8") -> bytes:
+        return b": t=%.6f\n" % time.time() + self.raw
+
+
 def header_script(request: Request) -> dict[str, Any]:
+    """The reply the ``x-fake-*`` request headers ask for (when no script is queued).
+
+    ``x-fake-frames: N``, ``x-fake-frame-delay: S`` and ``x-fake-stamp: 1`` steer the built-in
+    text frames. ``x-fake-sse-file: PATH`` (an ``.sse`` file) replays that file's frames instead,
+    spaced by ``x-fake-frame-delay`` and, with ``x-fake-split-seed: N``, cut at random byte
+    positions; ``x-fake-stamp: 1`` then prefixes each frame with a ``: t=...`` comment line (no
+    splitting) rather than replacing it.
+    """
     script: dict[str, Any] = {}
-    if "x-fake-frames" in request.headers:
-        script["frames"] = int(request.headers["x-fake-frames"])
-    if "x-fake-frame-delay" in request.headers:
-        script["frame_delay"] = float(request.headers["x-fake-frame-delay"])
-    if "x-fake-stamp" in request.headers:
+    headers = request.headers
+    if "x-fake-frames" in headers:
+        script["frames"] = int(headers["x-fake-frames"])
+    if "x-fake-frame-delay" in headers:
+        script["frame_delay"] = float(headers["x-fake-frame-delay"])
+    sse_file = headers.get("x-fake-sse-file")
+    if sse_file and sse_file.endswith(".sse"):
+        if "x-fake-stamp" in headers:
+            script["sse_frames"] = [StampedFrame(f) for f in sse_file_frames(sse_file)]
+        else:
+            script["sse_file"] = sse_file
+            if "x-fake-split-seed" in headers:
+                script["split_seed"] = int(headers["x-fake-split-seed"])
+    elif "x-fake-stamp" in headers:
         script["stamp"] = True
     return script
 

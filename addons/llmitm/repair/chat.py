@@ -116,7 +116,8 @@ class ChatRepairer(StreamRepairer):
 
     def _event(self, obj: dict[str, Any], frame: Frame) -> bool:
         chunk_id = obj.get("id")
-        if isinstance(chunk_id, str) and chunk_id:
+        # The template (for frames the repairer adds) changes with the chunk id, rarely per frame.
+        if isinstance(chunk_id, str) and chunk_id and chunk_id != self._template.get("id"):
             if not self._stream_id:
                 self._stream_id = chunk_id
             self._template = {
