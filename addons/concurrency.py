@@ -26,14 +26,13 @@ import weakref
 
 from mitmproxy import http
 
-from glue import answer_error, current_config
+from glue import CONTROL_HOST, answer_error, current_config
 from llmitm import flowmeta
 from llmitm.config import GatewayConfig
 from llmitm.providers import ProviderTable
 
 logger = logging.getLogger(__name__)
 
-CONTROL_HOST = "llmitm.internal"
 
 
 class Limiter:
@@ -172,7 +171,7 @@ class Concurrency:
 
     def _answer_timeout(self, flow: http.HTTPFlow, host: str, limiter: Limiter,
                         timeout: float) -> None:
-        provider = self._providers.match(flow.request.pretty_host)
+        provider = self._providers.match(flow.request.host)
         if provider is not None:  # Identify has not run yet: pick the error shape here
             flow.metadata[flowmeta.PROVIDER_STYLE] = provider.style
         logger.warning("llmitm: %s waited %.1fs for a slot of limits.concurrency %r (%d in flight)",

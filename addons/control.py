@@ -12,14 +12,11 @@ from typing import Any
 from mitmproxy import ctx, http
 from mitmproxy.addons import asgiapp
 
-from glue import current_config
+from glue import CONTROL_HOST, PAYMENTS_ADDON_NAME, SESSIONS_ADDON_NAME, current_config
 from llmitm import flowmeta
 from llmitm.config import GatewayConfig
 from llmitm.control_app import CALLER, Caller, PaymentsLister, build_app
-from llmitm.sessions import Overlay, SessionStore
-from session_headers import CONTROL_HOST, SESSIONS_ADDON_NAME
-
-PAYMENTS_ADDON_NAME = "llmitm-payments"
+from llmitm.sessions import SessionStore
 
 
 class _Backend:
@@ -39,7 +36,7 @@ class _Backend:
     def effective_headers(self, config: GatewayConfig, session: str) -> tuple[
             dict[str, dict[str, str]], dict[str, str]]:
         configured = config.sessions[session].headers if session in config.sessions else {}
-        return self.store.overlays.get(session, Overlay()).effective(configured)
+        return self.store.effective(session, configured)
 
     def payments(self) -> PaymentsLister | None:
         payments: Any = ctx.master.addons.get(PAYMENTS_ADDON_NAME)

@@ -13,7 +13,11 @@ from llmitm.config import GatewayConfig
 from llmitm.errors import JSON_HEADERS, error_body
 from llmitm.providers import ProviderStyle
 
+# Names addons find each other by, and the control API's virtual host: defined once, here.
 CONFIG_ADDON_NAME = "llmitm-config"
+SESSIONS_ADDON_NAME = "llmitm-sessions"
+PAYMENTS_ADDON_NAME = "llmitm-payments"
+CONTROL_HOST = "llmitm.internal"
 _DEFAULT_CONFIG = GatewayConfig()
 
 
@@ -32,6 +36,7 @@ def provider_style(flow: http.HTTPFlow) -> ProviderStyle:
 def answer_error(flow: http.HTTPFlow, status: int, message: str, code: str,
                  headers: dict[str, str] | None = None) -> None:
     """Answer the flow from the gateway with a JSON error in the provider's shape."""
+    flow.metadata[flowmeta.ANSWERED_BY_GATEWAY] = True  # nothing of this request went upstream
     flow.response = http.Response.make(
         status, error_body(provider_style(flow), status, message, code),
         {**JSON_HEADERS, "x-llmitm-error": code, **(headers or {})},

@@ -23,7 +23,7 @@ from typing import Any
 
 from mitmproxy import ctx, http
 
-from glue import add_comment, answer_error, current_config
+from glue import SESSIONS_ADDON_NAME, add_comment, answer_error, current_config
 from llmitm import flowmeta
 from llmitm.config import GatewayConfig
 from llmitm.leaks import (
@@ -39,7 +39,6 @@ from llmitm.sessions import Overlay
 
 logger = logging.getLogger(__name__)
 
-SESSIONS_ADDON_NAME = "llmitm-sessions"
 GUARD_MARK = ":warning:"
 
 
@@ -82,7 +81,7 @@ def current_secrets() -> tuple[int, ConfigSecrets]:
         for sid, overlay in store.overlays.items():
             if isinstance(overlay, Overlay) and not overlay.is_empty():
                 configured = config.sessions[sid].headers if sid in config.sessions else {}
-                session_headers[sid] = overlay.effective(configured)[0]
+                session_headers[sid] = store.effective(sid, configured)[0]
         turn_headers = {sid: dict(turn.headers) for sid, turn in store.turns.items()}
     snap.secrets = secrets_from_config(
         config,

@@ -88,12 +88,13 @@ class Identify:
         self._tunnel_credentials[flow.client_conn] = credentials
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
+        if flow.response is not None:  # answered already (e.g. a concurrency 503): still strip
+            strip_control_headers(flow.request.headers)
             return
         self._derive()
         request, metadata = flow.request, flow.metadata
         headers = request.headers
-        provider = self._providers.match(request.pretty_host)
+        provider = self._providers.match(request.host)  # where it goes, not the Host header
         metadata[flowmeta.PROVIDER] = provider.name if provider else None
         if provider is not None:
             metadata[flowmeta.PROVIDER_STYLE] = provider.style

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, http
 
-from glue import add_comment, current_config
+from glue import CONTROL_HOST, PAYMENTS_ADDON_NAME, add_comment, current_config
 from llmitm import flowmeta
 from llmitm.x402 import (
     PAYMENT_SIGNATURE_HEADER,
@@ -55,8 +55,6 @@ from llmitm.x402 import (
 
 logger = logging.getLogger(__name__)
 
-PAYMENTS_ADDON_NAME = "llmitm-payments"
-CONTROL_HOST = "llmitm.internal"
 PAY_PARAM = "llmitm-pay"
 #: seconds a client has to follow the 307 before its payment is released (never sent)
 REDIRECT_TTL = 30.0
@@ -363,7 +361,8 @@ class Payments:
                 await entry.payer.release(entry.prep, problem or "unused")
             flow.metadata[flowmeta.PAYMENT] = {"decision": "no_pay", "reason": problem}
             add_comment(flow, f"llmitm: x402 not paying this request: {problem}")
-            logger.warning("llmitm: x402 %s (%s %s)", problem, state.method, state.url)
+            logger.warning("llmitm: x402 %s (%s %s)", problem, state.method,
+                           state.url.split("?", 1)[0])  # a query may carry a key
             return
         state.attempt = entry.attempt
         await self._attach(flow, state, entry.payer, entry.prep, "paid")
@@ -392,8 +391,8 @@ class Payments:
         state.recorded = True
         prep, payer = state.prep, state.payer
         meta = flow.metadata.get(flowmeta.PAYMENT) or {}
-        if flow.server_conn.timestamp_tcp_setup is None:
-            # the gateway answered before any upstream connection: the payment never left
+        if flow.metadata.get(flowmeta.ANSWERED_BY_GATEWAY) or flow.server_conn.timestamp_tcp_setup is None:
+            # the gateway answered itself (guard 403, probe 502, ...): the payment never left
             await payer.release(prep, f"not sent: the gateway answered {response.status_code} itself")
             meta.setdefault("payment", {})["state"] = "released"
             add_comment(flow, f"llmitm: x402 payment {prep.payment_id} released (never sent)")
@@ -486,7 +485,7 @@ class Payments:
         state.recorded = True
         reason = (flow.error.msg if flow.error else "transport error")[:200]
         meta = flow.metadata.get(flowmeta.PAYMENT) or {}
-        if flow.server_conn.timestamp_tcp_setup is None:
+        if flow.metadata.get(flowmeta.ANSWERED_BY_GATEWAY) or flow.server_conn.timestamp_tcp_setup is None:
             await state.payer.release(state.prep, f"not sent: {reason}")
             meta.setdefault("payment", {})["state"] = "released"
         else:  # it may have arrived: keep counting it

@@ -29,6 +29,14 @@ from llmitm.resolve import Address, parse_resolve_entries
 logger = logging.getLogger(__name__)
 
 
+def _connects_directly() -> bool:
+    """In upstream-proxy or SOCKS mode a direct probe says nothing about reachability."""
+    modes = getattr(ctx.options, "mode", None) or ["regular"]
+    return all(str(m).split(":", 1)[0].split("@", 1)[0] in ("regular", "transparent", "local",
+                                                            "wireguard", "reverse")
+               for m in modes)
+
+
 def _resolve_table() -> dict[Address, Address]:
     entries = getattr(ctx.options, "llmitm_resolve", None) or []
     return parse_resolve_entries(entries)
@@ -105,7 +113,7 @@ class UpstreamProbe:
                 del self.open[key]
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not flow.live:
+        if flow.response is not None or not flow.live or not _connects_directly():
             return
         host, port = flow.request.host, flow.request.port
         if self.open.get((host.lower(), port)):

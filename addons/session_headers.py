@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from glue import add_comment, current_config
+from glue import CONTROL_HOST, SESSIONS_ADDON_NAME, add_comment, current_config
 from identify import turn_headers_of
 from llmitm import flowmeta
 from llmitm.config import GatewayConfig
@@ -20,15 +20,11 @@ from llmitm.sessions import (
     CompiledScope,
     Injection,
     MergeStrategy,
-    Overlay,
     SessionStore,
     combine,
     compile_scopes,
     session_injections,
 )
-
-SESSIONS_ADDON_NAME = "llmitm-sessions"
-CONTROL_HOST = "llmitm.internal"
 
 
 class SessionHeaders:
@@ -37,17 +33,16 @@ class SessionHeaders:
     def __init__(self) -> None:
         self.store = SessionStore()
         self._compiled: dict[str, tuple[CompiledScope, ...]] = {}
-        self._compiled_for: tuple[int, int] = (0, -1)
+        self._compiled_for: tuple[GatewayConfig | None, int] = (None, -1)
 
     def effective_headers(self, config: GatewayConfig, session: str) -> tuple[
             dict[str, dict[str, str]], dict[str, str]]:
         configured = config.sessions[session].headers if session in config.sessions else {}
-        return self.store.overlays.get(session, Overlay()).effective(configured)
+        return self.store.effective(session, configured)
 
     def scopes_for(self, config: GatewayConfig, session: str) -> tuple[CompiledScope, ...]:
-        key = (id(config), self.store.version)
-        if key != self._compiled_for:
-            self._compiled, self._compiled_for = {}, key
+        if config is not self._compiled_for[0] or self.store.version != self._compiled_for[1]:
+            self._compiled, self._compiled_for = {}, (config, self.store.version)
         compiled = self._compiled.get(session)
         if compiled is None:
             compiled = compile_scopes(self.effective_headers(config, session)[0])
@@ -62,7 +57,9 @@ class SessionHeaders:
             return
         request = flow.request
         scopes = self.scopes_for(current_config(), session)
-        from_session = session_injections(scopes, request.pretty_host, request.port, request.path)
+        # request.host is where the connection really goes (the CONNECT target); the Host header
+        # is the client's to choose, so it must never decide where a session's key is sent.
+        from_session = session_injections(scopes, request.host, request.port, request.path)
         turn = turn_headers_of(flow)
         strategy: MergeStrategy = flow.metadata.get(flowmeta.TURN_MERGE) or "override"
         origin_turn = "request"

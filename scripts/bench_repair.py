@@ -228,6 +228,8 @@ class Route:
     proxy: str
     verify: str
     pid: int  # the mitmdump process, for its CPU time
+    named: bool  # True: https://<provider host> routed by llmitm_resolve (llmitm decides by
+    #              where a connection goes, not by the Host header); False: the fake's address
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -261,8 +263,12 @@ class Bench:
                                         socket_options=NODELAY)
         return httpx.Client(transport=transport, trust_env=False, timeout=30)
 
-    def _stream(self, c: httpx.Client, kind: Kind, headers: dict[str, str]) -> httpx.Response:
-        request = c.build_request("POST", f"{self.base}{kind.path}", json=kind.body,
+    def url(self, route: Route, kind: Kind, path: str) -> str:
+        return f"https://{kind.host}{path}" if route.named else f"{self.base}{path}"
+
+    def _stream(self, c: httpx.Client, route: Route, kind: Kind,
+                headers: dict[str, str]) -> httpx.Response:
+        request = c.build_request("POST", self.url(route, kind, kind.path), json=kind.body,
                                   headers={"host": kind.host, **headers})
         return c.send(request, stream=True)
 
@@ -271,10 +277,10 @@ class Bench:
         CPU µs the proxy spent per frame)."""
         path = self.files[(kind.name, "burst")]
         with self.client(route) as c:
-            c.get(f"{self.base}/v1/models", headers={"host": kind.host})  # open the connection
+            c.get(self.url(route, kind, "/v1/models"), headers={"host": kind.host})  # connect
             cpu0 = cpu_seconds(route.pid)
             t0 = time.perf_counter()
-            resp = self._stream(c, kind, {"x-fake-sse-file": str(path)})
+            resp = self._stream(c, route, kind, {"x-fake-sse-file": str(path)})
             try:
                 total = sum(len(chunk) for chunk in resp.iter_raw())
             finally:
@@ -293,8 +299,8 @@ class Bench:
                    "x-fake-frame-delay": str(LAG_DELAY)}
         lags: list[float] = []
         with self.client(route) as c:
-            c.get(f"{self.base}/v1/models", headers={"host": kind.host})
-            resp = self._stream(c, kind, headers)
+            c.get(self.url(route, kind, "/v1/models"), headers={"host": kind.host})
+            resp = self._stream(c, route, kind, headers)
             buf = b""
             try:
                 for chunk in resp.iter_raw():
@@ -413,15 +419,18 @@ def run(rounds: int = 5) -> str:
         for name, script, args in specs:
             workdir = tmp / name.replace(" ", "-")
             workdir.mkdir()
+            resolve = ({} if script == stream_true else
+                       {"api.openai.com:443": port, "api.anthropic.com:443": port})
             gw = Gateway(confdir=tmp / "conf", workdir=workdir, upstream_ca=certs.ca_pem,
-                         script=script, extra_args=quiet + args)
+                         script=script, extra_args=quiet + args, resolve=resolve)
             gateways.append(gw)
             started[name] = gw.start()
         bundle = tmp / "bundle.pem"
         bundle.write_bytes(b"\n".join(
             [Path(p).read_bytes() for p in SYSTEM_CA_FILES if Path(p).exists()]
             + [certs.ca_pem.read_bytes(), started["repair on"].mitm_ca.read_bytes()]))
-        routes = [Route(name, started[name].url, str(bundle), proc_pid(started[name]))
+        routes = [Route(name, started[name].url, str(bundle), proc_pid(started[name]),
+                        named=name != "passthrough")
                   for name in ROUTES]
         bench = Bench(port, files)
         for kind in KINDS:  # warm up every route and stream once, unrecorded

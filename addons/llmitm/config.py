@@ -66,7 +66,12 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
     try:
         raw: Any = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        # Only the problem and its position: PyYAML's own message quotes the line, which may hold
+        # a secret.
+        problem = getattr(e, "problem", None) or "syntax error"
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML: {problem}{where}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -22,3 +22,4 @@ PAYMENT = "llmitm.payment"  # dict: the payment decision/outcome for this reques
 LEAKS = "llmitm.leaks"  # list[dict]: guard findings
 STREAM_TIMING = "llmitm.stream_timing"  # list[[seconds_since_headers, nbytes]] per client chunk
 UPSTREAM_ORIGINAL = "llmitm.upstream_original"  # bool: the recording keeps the upstream body too
+ANSWERED_BY_GATEWAY = "llmitm.answered_by_gateway"  # bool: the gateway made the response itself

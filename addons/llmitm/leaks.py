@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from llmitm.redact import (
     DEFAULT_MIN_LEN,
@@ -631,10 +631,25 @@ def secrets_from_config(
     wallet = _secret(getattr(x402, "wallet", None))
     if _wallet_is_secret(wallet):
         add("x402.wallet", wallet)
+    # RPC providers put their API key in the URL (?api-key=..., /<token>/, user:pass@). The
+    # gateway calls its RPC directly, never through the proxy, so none of it may appear in flows.
+    for i, part in enumerate(_rpc_url_secrets(str(getattr(x402, "rpc_url", "") or ""))):
+        add(f"x402.rpc_url[{i}]", part)
 
     record = getattr(config, "record", None)
     redact_names = tuple(str(n) for n in (getattr(record, "redact", None) or ()))
     return ConfigSecrets(tuple(known), redact_names)
+
+
+def _rpc_url_secrets(url: str) -> list[str]:
+    if not url:
+        return []
+    parts = urlsplit(url)
+    found = [v for _, v in parse_qsl(parts.query) if len(v) >= 8]
+    found += [seg for seg in parts.path.split("/") if len(seg) >= 16]
+    if parts.password:
+        found.append(parts.password)
+    return found
 
 
 def _scope_of_url(base_url: str) -> Scope | None:

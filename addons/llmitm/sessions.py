@@ -57,10 +57,17 @@ def check_session_id(session_id: str) -> str:
 ScopedHeaderMap = dict[str, dict[str, str]]  # scope text -> header name -> value
 
 
+def check_scope(scope: object) -> str:
+    """A scope names a host (pattern); ``/v1/*`` alone would match every host."""
+    if not isinstance(scope, str) or not scope.strip().split("://")[-1].split("/", 1)[0]:
+        raise HeaderError(f"scope {scope!r}: must start with a host or host pattern "
+                          "(e.g. api.openai.com or api.anthropic.com/v1/*)")
+    return scope
+
+
 def _check_scoped(headers: Mapping[str, Mapping[str, object]]) -> None:
     for scope, names in headers.items():
-        if not scope.strip():
-            raise HeaderError("empty scope")
+        check_scope(scope)
         lowered: set[str] = set()
         for name, value in names.items():
             check_header(name, value)
@@ -116,6 +123,20 @@ def tokens_equal(presented: str, expected: str) -> bool:
     return hmac.compare_digest(presented.encode(), expected.encode())
 
 
+def _configured_tokens(tokens: Mapping[str, str | None]) -> set[str]:
+    return {t for t in tokens.values() if t}
+
+
+def _require_valid_id(session: str) -> None:
+    try:
+        check_session_id(session)
+    except ValueError as e:
+        # Not repeated verbatim: a malformed id is often a pasted credential.
+        raise AuthFailure(
+            "invalid session id (use 1-64 letters, digits, '.', '_' or '-')"
+        ) from e
+
+
 def resolve_identity(proxy_credentials: tuple[str, str] | None, header_session: str | None,
                      tokens: Mapping[str, str | None]) -> Identity:
     """Proxy-auth user, else ``X-Llmitm-Session``, else ``default`` (SPEC §3).
@@ -125,6 +146,10 @@ def resolve_identity(proxy_credentials: tuple[str, str] | None, header_session: 
     """
     if proxy_credentials is not None:
         user, password = proxy_credentials
+        if user in _configured_tokens(tokens):
+            # HTTPS_PROXY=http://TOKEN@host: the token would become a session id (logs, files).
+            raise AuthFailure("the proxy user name is a session token; use http://SESSION:TOKEN@host")
+        _require_valid_id(user)
         token = tokens.get(user)
         if token is None:
             return Identity(user, False)
@@ -132,6 +157,7 @@ def resolve_identity(proxy_credentials: tuple[str, str] | None, header_session: 
             return Identity(user, True)
         raise AuthFailure(f"wrong proxy credentials for session {user!r}")
     session = header_session.strip() if header_session else DEFAULT_SESSION
+    _require_valid_id(session)
     if tokens.get(session) is not None:
         raise AuthFailure(
             f"session {session!r} requires proxy authentication "
@@ -215,8 +241,7 @@ class Overlay:
             self.cleared, self.scopes = True, {}
             return
         for scope, names in headers.items():
-            if not isinstance(scope, str) or not scope.strip():
-                raise HeaderError("headers: scopes must be non-empty strings")
+            check_scope(scope)
             if names is None or names == {}:
                 self.scopes[scope] = None
                 continue
@@ -298,6 +323,11 @@ class SessionStore:
         self.overlays: dict[str, Overlay] = {}
         self.turns: dict[str, Turn] = {}
         self.version = 0
+
+    def effective(self, session: str, configured: ScopedHeaderMap) -> tuple[
+            ScopedHeaderMap, dict[str, str]]:
+        """The session's headers now: the config's with the runtime overlay over them."""
+        return self.overlays.get(session, Overlay()).effective(configured)
 
     def patch(self, session: str, headers: Mapping[str, Any] | None) -> None:
         overlay = self.overlays.get(session) or Overlay()

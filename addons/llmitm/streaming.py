@@ -12,8 +12,11 @@ chunked terminator), so it always returns a list without empty items.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class StreamStage(Protocol):
@@ -54,18 +57,38 @@ class StreamPipeline:
             pieces = self._finish()
         if self.taps:
             for piece in pieces:
-                for tap in self.taps:
-                    tap(piece)
+                for tap in list(self.taps):
+                    self._call_tap(tap, piece)
             if not data:
-                for end in self.end_taps:
-                    end()
+                for end in list(self.end_taps):
+                    self._call_tap(end)
         return pieces
 
+    def _call_tap(self, tap: Callable[..., None], *args: bytes) -> None:
+        try:
+            tap(*args)
+        except Exception:  # an observer must never cut the client's stream
+            log.exception("stream tap failed; it is detached, the stream goes on")
+            if tap in self.taps:
+                self.taps.remove(tap)
+            if tap in self.end_taps:
+                self.end_taps.remove(tap)
+
     def _through(self, start: int, pieces: list[bytes]) -> list[bytes]:
-        for stage in self.stages[start:]:
+        for stage in list(self.stages[start:]):
             fed: list[bytes] = []
-            for piece in pieces:
-                fed.extend(stage.feed(piece))
+            try:
+                for piece in pieces:
+                    fed.extend(stage.feed(piece))
+            except Exception:
+                # A stage bug must not cut the stream (SPEC §5): detach the stage and pass its
+                # input on, after whatever it still holds (if it can say).
+                log.exception("stream stage %s failed; it is detached, bytes pass through",
+                              type(stage).__name__)
+                self.stages.remove(stage)
+                salvage = getattr(stage, "salvage", None)
+                held = salvage() if callable(salvage) else b""
+                fed = [held, *pieces] if held else list(pieces)
             pieces = fed
             if not pieces:
                 return []
@@ -77,8 +100,13 @@ class StreamPipeline:
         self.finished = True
         out: list[bytes] = []
         # What a stage emits at its end still has to pass the stages after it.
-        for index, stage in enumerate(self.stages):
-            tail = stage.finish()
+        for index, stage in enumerate(list(self.stages)):
+            try:
+                tail = stage.finish()
+            except Exception:
+                log.exception("stream stage %s failed at the end", type(stage).__name__)
+                salvage = getattr(stage, "salvage", None)
+                tail = [salvage()] if callable(salvage) else []
             if tail:
                 out.extend(self._through(index + 1, tail))
         # Later stages were fed everything earlier ones emitted; now they may flush too.

@@ -99,7 +99,7 @@ def test_queue_timeout_answers_503_in_the_provider_shape(gateway_factory: Gatewa
     assert error.status_code == 503 and error.response.headers["retry-after"] == "1"
     assert error.body["code"] == "concurrency_queue_timeout"
     assert "limits.concurrency 'api.openai.com' allows 1" in error.body["message"]
-    assert 0.4 < waited < 2.0
+    assert 0.4 < waited < 15  # it queued for the timeout; the upper bound only catches a hang
     assert claude_error.status_code == 503
     body = claude_error.response.json()
     assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"

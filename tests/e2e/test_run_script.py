@@ -37,9 +37,11 @@ def test_scripts_run_prints_working_client_environment(tmp_path: Path, test_cert
     proc = Proc([str(REPO / "scripts" / "run"), "--listen-port", str(port),
                  "--set", f"ssl_verify_upstream_trusted_ca={test_certs.ca_pem}",
                  "--set", f"llmitm_resolve=api.openai.com:443=127.0.0.1:{fake_provider.port}"],
-                env={**os.environ, "LLMITM_CONFDIR": str(tmp_path / "certs")})
+                env={**os.environ, "LLMITM_CONFDIR": str(tmp_path / "certs"),
+                     "LLMITM_CONFIG": str(tmp_path / "no-config.yaml")},
+                cwd=tmp_path)  # recordings go to tmp_path, never into the repository
     try:
-        proc.wait_for(lambda s: "proxy listening at" in s, timeout=120)
+        proc.wait_for(lambda s: "proxy listening at" in s, timeout=90)
         env = exported(proc.output)
         assert env["HTTPS_PROXY"] == f"http://127.0.0.1:{port}"
         bundle = Path(env["SSL_CERT_FILE"])

@@ -133,6 +133,19 @@ def test_session_headers_never_leave_their_scope(gw: Gateway, fake_provider: Fak
     assert "x-tenant" not in messages  # the api.openai.com scope does not apply here
 
 
+def test_a_spoofed_host_header_never_pulls_session_headers(gw: Gateway,
+                                                         fake_provider: FakeProvider) -> None:
+    with client(gw, "team-a", "tok-a-1") as c:
+        # The tunnel goes to telemetry.example.test; only the Host header names the provider.
+        r = c.post("https://telemetry.example.test/v1/chat/completions", json={"model": "m"},
+                   headers={"Host": "api.openai.com"})
+    assert r.status_code == 200
+    (record,) = received(fake_provider)
+    sent = headers_of(record)
+    assert sent["host"] == "api.openai.com"  # the request reached the telemetry tunnel as sent
+    assert "x-tenant" not in sent and "sk-real" not in json.dumps(sent)
+
+
 # --- per-turn headers ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("turn,merge,expected", [
@@ -226,11 +239,16 @@ def test_control_headers_never_go_upstream(gateway_factory: GatewayFactory,
                                            config: str | None) -> None:
     gw = gateway_factory(config_text=config)
     with client(gw) as c:
-        post(c, headers={"X-Llmitm-Bypass": "1", "X-Llmitm-Anything": "x",
-                         "x-llmitm-session": "open", "X-LLMITM-TURN-HEADERS": '{"A": "b"}'})
-        post(c, "https://telemetry.example.test/x", headers={"X-Llmitm-Other": "y"})
-    for record in received(fake_provider):
+        assert post(c, headers={"X-Llmitm-Bypass": "1", "X-Llmitm-Anything": "x",
+                                "x-llmitm-session": "open",
+                                "X-LLMITM-TURN-HEADERS": '{"A": "b"}'}).status_code == 200
+        assert post(c, "https://telemetry.example.test/x",
+                    headers={"X-Llmitm-Other": "y"}).status_code == 200
+    records = received(fake_provider)
+    assert len(records) == 2
+    for record in records:
         assert not [k for k in headers_of(record) if k.startswith("x-llmitm")]
+    assert headers_of(records[0])["a"] == "b"  # the turn header itself did go
 
 
 # --- two sessions in parallel --------------------------------------------------------------------
@@ -350,10 +368,14 @@ def test_control_api_patch_is_partial_and_turns_apply(gw: Gateway,
     model_call, side_call = (headers_of(x) for x in received(fake_provider)[-2:])
     assert model_call["x-turn"] == "t" and model_call["x-tenant"] == "a2"
     assert "x-turn" not in side_call
-    control(gw, "PUT", "/sessions/team-a/turn", bearer=admin, body={"headers": {}})
+    assert control(gw, "PUT", "/sessions/team-a/turn", bearer=admin,
+                   body={"headers": {}}).status_code == 200
+    before = len(received(fake_provider))
     with client(gw, "team-a", "tok-a-1") as c:
-        post(c)
-    assert not {"x-turn", "x-tenant", "authorization"} & set(headers_of(received(fake_provider)[-1]))
+        assert post(c).status_code == 200
+    records = received(fake_provider)
+    assert len(records) == before + 1
+    assert not {"x-turn", "x-tenant", "authorization"} & set(headers_of(records[-1]))
     assert control(gw, "DELETE", "/sessions/team-a/turn", bearer=admin).json()["turn"] is None
     # explicit {} for all headers clears the config's too, and says so
     r = control(gw, "PATCH", "/sessions/team-a", bearer=admin, body={"headers": {}})

@@ -54,3 +54,16 @@ def test_invalid_config_names_key(text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text, {})
     assert needle in str(info.value)
+
+
+def test_yaml_errors_never_quote_the_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config('sessions:\n  a:\n    token: "sk-SECRET-123\n', {})
+    assert "sk-SECRET" not in str(info.value) and "line" in str(info.value)
+
+
+@pytest.mark.parametrize("scope", ["/v1/*", "", "https:///x"])
+def test_scope_needs_a_host(scope: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"sessions:\n  a:\n    headers:\n      '{scope}': {{X: y}}\n", {})
+    assert "must start with a host" in str(info.value)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from urllib.parse import quote
 
 from hypothesis import given, settings
@@ -142,20 +141,14 @@ def test_secret_anywhere_in_a_body_is_redacted(secret: str, before: bytes, after
     assert redacted(secret).encode() in out
 
 
-def test_redaction_cost_on_1mb_body() -> None:
+def test_redaction_of_a_1mb_body() -> None:
     secrets = [f"sk-{os.urandom(20).hex()}" for _ in range(10)] + [f"Bearer tok-{i:012d}" for i in range(10)]
     s = SecretSet(secrets)
     body = os.urandom(512 * 1024).hex().encode()  # 1 MiB, no secret
     leaky = body[:500_000] + secrets[3].encode() + body[500_000:]
-    for data in (body, leaky):
-        s.redact_bytes(data)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = s.redact_bytes(data)
-        per = (time.perf_counter() - t0) / 5
-        print(f"redact_bytes 1 MiB ({len(secrets)} secrets): {per * 1e3:.2f} ms")
-        assert per < 0.25
-    assert redacted(secrets[3]).encode() in out
+    assert s.redact_bytes(body) == body
+    out = s.redact_bytes(leaky)
+    assert redacted(secrets[3]).encode() in out and secrets[3].encode() not in out
 
 
 def test_needle_pattern_is_leftmost_longest_and_exact() -> None:

@@ -32,6 +32,14 @@ def test_identity_order_and_tokens() -> None:
         assert "tok-a" not in str(info.value)
     with pytest.raises(AuthFailure):
         resolve_identity(None, None, {"default": "t"})
+    with pytest.raises(AuthFailure) as info:  # HTTPS_PROXY=http://tok-a@host
+        resolve_identity(("tok-a", ""), None, TOKENS)
+    assert "tok-a" not in str(info.value)
+    for bad in ("a b", "x/y", "", "../etc"):
+        with pytest.raises(AuthFailure):
+            resolve_identity((bad, "p"), None, TOKENS) if bad else resolve_identity(None, " ", TOKENS)
+        with pytest.raises(AuthFailure):
+            resolve_identity(None, bad or " ", TOKENS)
 
 
 SESSION = [Injection("X-Tenant", "a", "session", "api.openai.com"),

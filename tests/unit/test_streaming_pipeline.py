@@ -45,3 +45,37 @@ def test_stages_and_taps_see_client_bytes_in_order() -> None:
     assert out == [b"ABC\n", b"D", b"!"]
     assert seen == out and ended == [True]
     assert p(b"") == []  # finishing twice emits nothing more
+
+
+class Exploding:
+    """Holds bytes, then fails: the pipeline must pass everything on and keep streaming."""
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self.held:
+            raise RuntimeError("bug")
+        self.held = chunk
+        return []
+
+    def finish(self) -> list[bytes]:
+        return []
+
+    def salvage(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
+
+
+def test_a_failing_stage_or_tap_never_cuts_the_stream() -> None:
+    p = StreamPipeline()
+    p.add_stage(Exploding())
+    p.add_stage(Upper())
+
+    def bad_tap(piece: bytes) -> None:
+        raise ValueError("tap bug")
+
+    p.add_tap(bad_tap)
+    out = p(b"ab") + p(b"cd") + p(b"ef") + p(b"")
+    assert b"".join(out) == b"ABCDEF!"
+    assert len(p.stages) == 1 and p.taps == []

@@ -270,9 +270,7 @@ def test_kill_9_mid_transaction_leaves_the_db_consistent(tmp_path: Path) -> None
     assert integrity_ok(path)
     ledger = SqliteLedger(path, busy_timeout=2)
     assert ledger.get("half") is None  # the uncommitted row is gone
-    t0 = time.monotonic()
     assert isinstance(reserve(ledger), Reservation)  # and the write lock was released
-    assert time.monotonic() - t0 < 1.5
     ledger.close()
 
 

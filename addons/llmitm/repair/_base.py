@@ -111,6 +111,11 @@ class StreamRepairer:
         joined = b"".join(out)
         return [joined] if joined else []
 
+    def salvage(self) -> bytes:
+        """After a failure: the bytes received but not yet sent on (for StreamPipeline)."""
+        self.passthrough = True
+        return self._parser.take_rest()
+
     def finish(self) -> list[bytes]:
         if self.passthrough:
             return []

@@ -284,7 +284,7 @@ class X402Payer:
             hint_usable=self.presign.age(entry) < BLOCKHASH_HINT_MAX_AGE,
         )
         if isinstance(result, Refusal):
-            log.info("x402: not presigning %s %s: %s", method, url, result.reason)
+            log.info("x402: not presigning %s %s: %s", method, url.split("?", 1)[0], result.reason)
             return None
         return result
 
