@@ -1,8 +1,10 @@
 """Measure what the gateway costs: direct vs bare mitmdump vs llmitm, on loopback, TLS both sides.
 
-Every route sends the same requests to the same local fake provider (``https://127.0.0.1:PORT``
-with ``Host: api.openai.com``, so llmitm recognises provider traffic while bare mitmdump needs no
-addon to reach it). Rounds are interleaved (the route order rotates each round) and ratios are
+Every route sends the same requests to the same local fake provider: direct and bare mitmdump to
+``https://127.0.0.1:PORT`` (with ``Host: api.openai.com``), llmitm to ``https://api.openai.com``
+routed to the fake with ``llmitm_resolve`` (llmitm decides by where a connection goes, never by
+the Host header, so it needs the real name to recognise provider traffic).
+Rounds are interleaved (the route order rotates each round) and ratios are
 computed within each round before taking medians, so drift on a shared machine cancels out.
 All loops are bounded; everything listens on 127.0.0.1 and is stopped at the end.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import socket
 import statistics
@@ -55,6 +58,7 @@ class Route:
     name: str
     proxy: str | None
     verify: str
+    base: str  # scheme://host:port the requests are sent to
 
 
 @dataclass
@@ -66,8 +70,7 @@ class Results:
 
 
 class Bench:
-    def __init__(self, upstream_port: int) -> None:
-        self.base = f"https://127.0.0.1:{upstream_port}"
+    def __init__(self) -> None:
         self.headers = {"host": "api.openai.com"}
 
     def client(self, route: Route) -> httpx.Client:
@@ -78,11 +81,11 @@ class Bench:
     def latency_ms(self, route: Route, n: int) -> float:
         with self.client(route) as c:
             for _ in range(10):  # warm the connections up
-                c.post(f"{self.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
+                c.post(f"{route.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
             samples = []
             for _ in range(n):
                 t0 = time.perf_counter()
-                r = c.post(f"{self.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
+                r = c.post(f"{route.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
                 samples.append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200
         return statistics.median(samples)
@@ -90,7 +93,7 @@ class Bench:
     def requests_per_second(self, route: Route, clients: int, per_client: int) -> float:
         async def one(c: httpx.AsyncClient) -> None:
             for _ in range(per_client):
-                r = await c.post(f"{self.base}/v1/chat/completions", json=CHAT_BODY,
+                r = await c.post(f"{route.base}/v1/chat/completions", json=CHAT_BODY,
                                  headers=self.headers)
                 assert r.status_code == 200
 
@@ -100,7 +103,7 @@ class Bench:
                                                    socket_options=NODELAY),
                 trust_env=False, timeout=60) for _ in range(clients)]
             try:
-                await asyncio.gather(*(c.post(f"{self.base}/v1/models", headers=self.headers)
+                await asyncio.gather(*(c.post(f"{route.base}/v1/models", headers=self.headers)
                                        for c in cs))
                 t0 = time.perf_counter()
                 await asyncio.gather(*(one(c) for c in cs))
@@ -113,14 +116,14 @@ class Bench:
     def sse_timing(self, route: Route, frames: int, delay: float) -> tuple[float, float]:
         """(first frame ms after the request, median per-frame lag ms after it was sent)."""
         with self.client(route) as c:
-            c.get(f"{self.base}/v1/models", headers=self.headers)  # open the connection
+            c.get(f"{route.base}/v1/models", headers=self.headers)  # open the connection
             headers = {**self.headers, "x-fake-frames": str(frames),
                        "x-fake-frame-delay": str(delay), "x-fake-stamp": "1"}
             lags: list[float] = []
             first = None
             buf = b""
             t0 = time.perf_counter()
-            with c.stream("POST", f"{self.base}/v1/chat/completions",
+            with c.stream("POST", f"{route.base}/v1/chat/completions",
                           json={**CHAT_BODY, "stream": True}, headers=headers) as resp:
                 for chunk in resp.iter_raw():
                     now = time.time()
@@ -137,11 +140,11 @@ class Bench:
     def burst(self, route: Route, frames: int) -> tuple[float, float]:
         """(seconds to receive all frames, MB/s)."""
         with self.client(route) as c:
-            c.get(f"{self.base}/v1/models", headers=self.headers)
+            c.get(f"{route.base}/v1/models", headers=self.headers)
             headers = {**self.headers, "x-fake-frames": str(frames)}
             t0 = time.perf_counter()
             total = 0
-            with c.stream("POST", f"{self.base}/v1/chat/completions",
+            with c.stream("POST", f"{route.base}/v1/chat/completions",
                           json={**CHAT_BODY, "stream": True}, headers=headers) as resp:
                 for chunk in resp.iter_raw():
                     total += len(chunk)
@@ -238,13 +241,8 @@ def hook_costs(n: int = 5000) -> str:
                       "|---|---|---|", *rows])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="fewer requests per round")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "latest.md")
-    args = parser.parse_args()
-
+def spine(rounds: int, quick: bool) -> str:
+    """direct vs bare mitmdump vs llmitm (default config) vs llmitm with session headers."""
     tmp = Path(tempfile.mkdtemp(prefix="llmitm-bench-"))
     certs = make_test_certs(tmp / "testca")
     fake = Proc([sys.executable, "-m", "tests.harness.fake_provider", "--no-record",
@@ -256,45 +254,73 @@ def main() -> None:
         bare = Gateway(confdir=tmp / "conf", workdir=tmp, upstream_ca=certs.ca_pem, script=None,
                        extra_args=quiet)
         gateways.append(bare.start())
+        resolve = {"api.openai.com:443": port}
         llmitm = Gateway(confdir=tmp / "conf", workdir=tmp, upstream_ca=certs.ca_pem,
-                         extra_args=quiet)
+                         extra_args=quiet, resolve=resolve)
         gateways.append(llmitm.start())
         headers_dir = tmp / "headers"
         headers_dir.mkdir()
         with_headers = Gateway(confdir=tmp / "conf", workdir=headers_dir, upstream_ca=certs.ca_pem,
-                               extra_args=quiet, config_text=HEADERS_CONFIG)
+                               extra_args=quiet, config_text=HEADERS_CONFIG, resolve=resolve)
         gateways.append(with_headers.start())
         bundle = tmp / "bundle.pem"
         bundle.write_bytes(b"\n".join(
             [Path(p).read_bytes() for p in SYSTEM_CA_FILES if Path(p).exists()]
             + [certs.ca_pem.read_bytes(), bare.mitm_ca.read_bytes()]))
-        routes = [Route("direct", None, str(bundle)), Route("mitmdump", bare.url, str(bundle)),
-                  Route("llmitm", llmitm.url, str(bundle)),
-                  Route("llmitm+headers", with_headers.url, str(bundle))]
-        bench = Bench(port)
+        local, named = f"https://127.0.0.1:{port}", "https://api.openai.com"
+        routes = [Route("direct", None, str(bundle), local),
+                  Route("mitmdump", bare.url, str(bundle), local),
+                  Route("llmitm", llmitm.url, str(bundle), named),
+                  Route("llmitm+headers", with_headers.url, str(bundle), named)]
+        bench = Bench()
         results = Results()
-        for i in range(args.rounds):
+        for i in range(rounds):
             order = routes[i % len(routes):] + routes[:i % len(routes)]
             t0 = time.perf_counter()
-            run_round(bench, order, results, args.quick)
-            print(f"round {i + 1}/{args.rounds} done in {time.perf_counter() - t0:.1f}s",
+            run_round(bench, order, results, quick)
+            print(f"spine: round {i + 1}/{rounds} done in {time.perf_counter() - t0:.1f}s",
                   file=sys.stderr)
         text = table(results, routes, [("llmitm", "mitmdump"), ("llmitm", "direct"),
                                         ("mitmdump", "direct"), ("llmitm+headers", "llmitm")])
         text += "\n\n" + differences(results, "llmitm+headers", "llmitm",
                                       "session-header injection cost")
-        text += "\n\n" + hook_costs()
-        stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
-                 f"Python {platform.python_version()}, {args.rounds} rounds"
-                 f"{' (quick)' if args.quick else ''}; median (min–max over rounds)")
-        report = f"{stamp}\n\n{text}\n"
-        print(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+        return text + "\n\n" + hook_costs()
     finally:
         for gw in gateways:
             gw.stop()
         fake.stop()
+
+
+SECTIONS = ("spine", "repair", "x402")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer requests per round")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only these sections (repeatable); default: all")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "latest.md")
+    args = parser.parse_args()
+    wanted = args.only or list(SECTIONS)
+    parts = []
+    if "spine" in wanted:
+        parts.append("### Gateway overhead\n\n" + spine(args.rounds, args.quick))
+    if "repair" in wanted:
+        import bench_repair  # beside this file
+
+        parts.append("### Streamed tool-call repair\n\n" + bench_repair.run(args.rounds))
+    if "x402" in wanted:
+        import bench_x402  # beside this file
+
+        parts.append("### x402 payments\n\n" + bench_x402.run(args.rounds))
+    stamp = (f"{time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
+             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {args.rounds} rounds"
+             f"{' (quick)' if args.quick else ''}; median (min–max over rounds)")
+    report = stamp + "\n\n" + "\n\n".join(parts) + "\n"
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
 
 
 if __name__ == "__main__":
