@@ -263,6 +263,12 @@ def spine(rounds: int, quick: bool) -> str:
         with_headers = Gateway(confdir=tmp / "conf", workdir=headers_dir, upstream_ca=certs.ca_pem,
                                extra_args=quiet, config_text=HEADERS_CONFIG, resolve=resolve)
         gateways.append(with_headers.start())
+        norec_dir = tmp / "no-recording"
+        norec_dir.mkdir()
+        no_recording = Gateway(confdir=tmp / "conf", workdir=norec_dir, upstream_ca=certs.ca_pem,
+                               extra_args=quiet, config_text="record: {dir: null}\n",
+                               resolve=resolve)
+        gateways.append(no_recording.start())
         bundle = tmp / "bundle.pem"
         bundle.write_bytes(b"\n".join(
             [Path(p).read_bytes() for p in SYSTEM_CA_FILES if Path(p).exists()]
@@ -271,7 +277,8 @@ def spine(rounds: int, quick: bool) -> str:
         routes = [Route("direct", None, str(bundle), local),
                   Route("mitmdump", bare.url, str(bundle), local),
                   Route("llmitm", llmitm.url, str(bundle), named),
-                  Route("llmitm+headers", with_headers.url, str(bundle), named)]
+                  Route("llmitm+headers", with_headers.url, str(bundle), named),
+                  Route("llmitm-norec", no_recording.url, str(bundle), named)]
         bench = Bench()
         results = Results()
         for i in range(rounds):
@@ -280,8 +287,9 @@ def spine(rounds: int, quick: bool) -> str:
             run_round(bench, order, results, quick)
             print(f"spine: round {i + 1}/{rounds} done in {time.perf_counter() - t0:.1f}s",
                   file=sys.stderr)
-        text = table(results, routes, [("llmitm", "mitmdump"), ("llmitm", "direct"),
-                                        ("mitmdump", "direct"), ("llmitm+headers", "llmitm")])
+        text = table(results, routes, [("llmitm", "mitmdump"), ("llmitm-norec", "mitmdump"),
+                                        ("llmitm", "direct"), ("mitmdump", "direct"),
+                                        ("llmitm+headers", "llmitm")])
         text += "\n\n" + differences(results, "llmitm+headers", "llmitm",
                                       "session-header injection cost")
         return text + "\n\n" + hook_costs()
