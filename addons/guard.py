@@ -106,6 +106,13 @@ def session_of(flow: http.HTTPFlow) -> str:
     return session if isinstance(session, str) and session else "default"
 
 
+def _outgoing(flow: http.HTTPFlow, **parts: Any) -> OutgoingRequest:
+    """What is about to leave on this flow, for the leak checker (where: the real host)."""
+    req = flow.request
+    return OutgoingRequest(session=session_of(flow), host=req.host, path=req.path, url=req.url,
+                           port=req.port, **parts)
+
+
 class Guard:
     name = "llmitm-guard"
 
@@ -131,18 +138,10 @@ class Guard:
         if not checker and not injected:
             return
         req = flow.request
-        findings = checker.check(
-            OutgoingRequest(
-                session=session_of(flow),
-                host=req.host,
-                path=req.path,
-                headers=list(req.headers.items(multi=True)),
-                body=req.get_content(strict=False) or b"",
-                url=req.url,
-                port=req.port,
-                injected=injected,
-            )
-        )
+        findings = checker.check(_outgoing(
+            flow, headers=list(req.headers.items(multi=True)),
+            body=req.get_content(strict=False) or b"", injected=injected,
+        ))
         if not findings:
             return
         block = current_config().guard.action == "block"
@@ -171,18 +170,7 @@ class Guard:
         checker = self.checker()
         if not checker:
             return
-        req = flow.request
-        findings = checker.check(
-            OutgoingRequest(
-                session=session_of(flow),
-                host=req.host,
-                path=req.path,
-                body=message.content,
-                url=req.url,
-                port=req.port,
-                body_label="websocket",
-            )
-        )
+        findings = checker.check(_outgoing(flow, body=message.content, body_label="websocket"))
         if not findings:
             return
         block = current_config().guard.action == "block"
