@@ -11,8 +11,6 @@ PROVIDER = "llmitm.provider"  # str | None: provider name from config.providers 
 PROVIDER_STYLE = "llmitm.provider_style"  # "openai" | "anthropic": wire format and error shape
 ENDPOINT = "llmitm.endpoint"  # "chat_completions" | "responses" | "messages" | "models" | "other"
 BYPASS = "llmitm.bypass"  # bool: X-Llmitm-Bypass was set (request or WebSocket upgrade)
-STREAM_REQUESTED = "llmitm.stream_requested"  # bool: request JSON had "stream": true
-TOOL_CHOICE_FORCED = "llmitm.tool_choice_forced"  # bool: request forced a tool choice
 # Turn header values are kept off metadata (it is recorded): see identify.turn_headers_of().
 SESSION_VERIFIED = "llmitm.session_verified"  # bool: the session token was presented
 TURN_MERGE = "llmitm.turn_merge"  # "override" | "merge" | None

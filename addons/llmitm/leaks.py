@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 from llmitm.redact import (
@@ -58,14 +58,7 @@ Kind = Literal[
     "in_url",
     "in_body",
 ]
-KINDS: tuple[Kind, ...] = (
-    "out_of_scope_host",
-    "out_of_scope_path",
-    "other_session",
-    "other_header",
-    "in_url",
-    "in_body",
-)
+KINDS: tuple[Kind, ...] = get_args(Kind)
 # When a value has several owners, the finding names the closest one (least severe kind).
 _RANK: dict[str, int] = {
     "other_header": 0,

@@ -74,20 +74,6 @@ def sse_file_frames(path: str) -> list[bytes]:
     return frames
 
 
-class StampedFrame:
-    """A frame of an ``x-fake-sse-file`` reply that gains an SSE comment line with its send time
-    (``: t=<epoch seconds>``) when the response encodes it, right before it is written: the frame
-    itself (tool calls and all) stays as recorded, and a client can still measure its lag."""
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
-    def encode(self, _charset: str = "utf-8") -> bytes:
-        return b": t=%.6f\n" % time.time() + self.raw
-
-
 def header_script(request: Request) -> dict[str, Any]:
     """The reply the ``x-fake-*`` request headers ask for (when no script is queued).
 
@@ -105,14 +91,13 @@ def header_script(request: Request) -> dict[str, Any]:
         script["frame_delay"] = float(headers["x-fake-frame-delay"])
     sse_file = headers.get("x-fake-sse-file")
     if sse_file and sse_file.endswith(".sse"):
+        script["sse_file"] = sse_file
         if "x-fake-stamp" in headers:
-            script["sse_frames"] = [StampedFrame(f) for f in sse_file_frames(sse_file)]
-        else:
-            script["sse_file"] = sse_file
-            if "x-fake-split-seed" in headers:
-                script["split_seed"] = int(headers["x-fake-split-seed"])
+            script["stamp"] = "comment"  # the recorded frame stays, a ": t=..." line is added
+        elif "x-fake-split-seed" in headers:
+            script["split_seed"] = int(headers["x-fake-split-seed"])
     elif "x-fake-stamp" in headers:
-        script["stamp"] = True
+        script["stamp"] = "data"  # built-in frames are replaced by {"seq", "t"} data frames
     return script
 
 
@@ -177,15 +162,17 @@ async def provider(request: Request) -> Response:
                         headers={"content-type": "application/json", **headers})
     pieces = split_frames(frames, script.get("split_seed"))
     delay = float(script.get("frame_delay", 0.0))
-    stamp = bool(script.get("stamp"))
+    stamp = script.get("stamp")  # None, "data" or "comment": frames carry their send time
 
     async def body_iter() -> AsyncIterator[bytes]:
         for i, piece in enumerate(pieces):
             if i and delay:
                 await asyncio.sleep(delay)
             now = time.time()
-            if stamp:  # a frame that carries its own send time, for lag measurements
+            if stamp == "data":
                 piece = b'data: {"seq":%d,"t":%.6f}\n\n' % (i, now)
+            elif stamp == "comment":
+                piece = b": t=%.6f\n" % now + piece
             if record["first_sent_at"] is None:
                 record["first_sent_at"] = now
             record["last_sent_at"] = now
