@@ -183,11 +183,27 @@ def frame_count(body: bytes) -> int:
     return body.count(b"\n\n")
 
 
-def check_streams(files: dict[tuple[str, str], Path]) -> dict[str, tuple[int, int, float]]:
+Costs = dict[str, tuple[int, int, float, float, int]]
+
+
+def _repair_frames(endpoint: str, frames: list[bytes], fast: bool) -> tuple[bytes, Any, float]:
+    """Feed a stream frame by frame (as the burst arrives): (output, repairer, µs per frame)."""
+    from llmitm.repair import stream_repairer_for
+
+    repairer = stream_repairer_for(endpoint, None)
+    assert repairer is not None
+    repairer.fast_path = fast
+    t0 = time.perf_counter()
+    repaired = b"".join(b"".join(repairer.feed(f)) for f in frames)
+    repaired += b"".join(repairer.finish())
+    return repaired, repairer, (time.perf_counter() - t0) / len(frames) * 1e6
+
+
+def check_streams(files: dict[tuple[str, str], Path]) -> Costs:
     """Each stream is what it claims: the official SDK accumulators read the same calls from the
     healthy streams and from the repaired defective one, and the repairer leaves healthy streams
-    alone. Returns per kind (frames, repairs, in-process repair cost in µs per frame)."""
-    from llmitm.repair import stream_repairer_for
+    alone. Returns per kind (frames, repairs, in-process µs per frame with the fast path and
+    without it, frames that took the full path)."""
     from llmitm.sse import SSEParser
 
     # the official SDK accumulators (imported by name: a test helper, not type-checked here)
@@ -196,17 +212,14 @@ def check_streams(files: dict[tuple[str, str], Path]) -> dict[str, tuple[int, in
         "chat_completions": accumulate.openai_chat_tool_calls,
         "responses": accumulate.openai_responses_tool_calls,
         "messages": accumulate.anthropic_tool_uses}
-    out: dict[str, tuple[int, int, float]] = {}
+    out: Costs = {}
     reference = None
     for kind in KINDS:
         body = files[(kind.name, "burst")].read_bytes()
         frames = [f.raw for f in SSEParser().feed(body)]
-        repairer = stream_repairer_for(kind.endpoint, None)
-        assert repairer is not None
-        t0 = time.perf_counter()
-        repaired = b"".join(b"".join(repairer.feed(f)) for f in frames)
-        repaired += b"".join(repairer.finish())
-        per_frame_us = (time.perf_counter() - t0) / len(frames) * 1e6
+        repaired, repairer, per_frame_us = _repair_frames(kind.endpoint, frames, fast=True)
+        full, _, full_us = _repair_frames(kind.endpoint, frames, fast=False)
+        assert full == repaired, kind.name  # the fast path changes nothing
         repairs = sum(repairer.repairs.values())
         calls = [(c["name"], json.loads(c["arguments"])) for c in readers[kind.endpoint](repaired)]
         assert len(calls) == 4 and all(name == "write_file" for name, _ in calls), kind
@@ -215,7 +228,7 @@ def check_streams(files: dict[tuple[str, str], Path]) -> dict[str, tuple[int, in
                 reference = calls
             assert calls == reference, kind.name
         assert (repairs == 0) == ("healthy" in kind.name) and (repaired == body) == (repairs == 0)
-        out[kind.name] = (len(frames), repairs, per_frame_us)
+        out[kind.name] = (len(frames), repairs, per_frame_us, full_us, repairer.full_frames)
     return out
 
 
@@ -335,7 +348,7 @@ def spread(values: list[float], fmt: Callable[[float], str]) -> str:
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
 
 
-def table(results: Results, costs: dict[str, tuple[int, int, float]],
+def table(results: Results, costs: Costs,
           files: dict[tuple[str, str], Path]) -> str:
     head = ["stream", "measure", *ROUTES, "on / passthrough", "on / off", "target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -372,10 +385,12 @@ def table(results: Results, costs: dict[str, tuple[int, int, float]],
             *(spread(per[r], lambda v: f"{v:.3f}") for r in ROUTES),
             spread(on_pt, lambda v: f"{v:+.3f} ms"), spread(on_off, lambda v: f"{v:+.3f} ms"),
             f"≤ +{TARGET_LAG_MS} ms {'met' if ok else 'MISSED'}"]) + " |")
-    lines += ["", "| in-process repairer (no network) | frames | repairs | µs per frame |",
-              "|---|---|---|---|"]
-    for name, (frames, repairs, us) in costs.items():
-        lines.append(f"| {name} | {frames:,} | {repairs:,} | {us:.1f} |")
+    lines += ["", "| in-process repairer, frame by frame (no network) | frames | repairs | "
+              "µs per frame | frames on the full path | µs per frame, fast path off |",
+              "|---|---|---|---|---|---|"]
+    for name, (frames, repairs, us, full_us, full_frames) in costs.items():
+        lines.append(f"| {name} | {frames:,} | {repairs:,} | {us:.1f} | {full_frames:,} | "
+                     f"{full_us:.1f} |")
     return "\n".join(lines)
 
 

@@ -381,6 +381,11 @@ class SSEParser:
                 self._skip_lf = False
         return frames
 
+    def at_frame_start(self) -> bool:
+        """True when the next byte fed starts a new frame (nothing held, no BOM or CRLF pending),
+        so a caller that recognises a whole frame may skip :meth:`feed` for it."""
+        return not (self._parts or self._first or self._skip_lf or self.broken)
+
     def _keep(self, rest: bytes) -> None:
         self._parts = [rest]
         self._plen = len(rest)

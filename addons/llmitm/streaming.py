@@ -52,27 +52,46 @@ class StreamPipeline:
 
     def __call__(self, data: bytes) -> list[bytes]:
         if data:
-            pieces = self._through(0, [data])
+            pieces = self._chunk(data)
         else:
             pieces = self._finish()
         if self.taps:
             for piece in pieces:
-                for tap in list(self.taps):
-                    self._call_tap(tap, piece)
+                for tap in tuple(self.taps):
+                    try:
+                        tap(piece)
+                    except Exception:
+                        self._tap_failed(tap)
             if not data:
-                for end in list(self.end_taps):
-                    self._call_tap(end)
+                for end in tuple(self.end_taps):
+                    try:
+                        end()
+                    except Exception:
+                        self._tap_failed(end)
         return pieces
 
-    def _call_tap(self, tap: Callable[..., None], *args: bytes) -> None:
-        try:
-            tap(*args)
-        except Exception:  # an observer must never cut the client's stream
-            log.exception("stream tap failed; it is detached, the stream goes on")
-            if tap in self.taps:
-                self.taps.remove(tap)
-            if tap in self.end_taps:
-                self.end_taps.remove(tap)
+    def _chunk(self, data: bytes) -> list[bytes]:
+        # The hot path (once per upstream chunk): while every stage returns one piece, hand it on
+        # without building lists; anything else goes the general way.
+        piece = data
+        for index, stage in enumerate(tuple(self.stages)):
+            try:
+                out = stage.feed(piece)
+            except Exception:
+                out = self._detach(stage, [piece])
+                return self._through(index, out)  # the stages after it (indexes moved down)
+            if len(out) != 1:
+                return self._through(index + 1, out) if out else []
+            piece = out[0]
+        return [piece] if piece else []
+
+    def _tap_failed(self, tap: Callable[..., None]) -> None:
+        # an observer must never cut the client's stream
+        log.exception("stream tap failed; it is detached, the stream goes on")
+        if tap in self.taps:
+            self.taps.remove(tap)
+        if tap in self.end_taps:
+            self.end_taps.remove(tap)
 
     def _through(self, start: int, pieces: list[bytes]) -> list[bytes]:
         for stage in list(self.stages[start:]):
@@ -81,18 +100,21 @@ class StreamPipeline:
                 for piece in pieces:
                     fed.extend(stage.feed(piece))
             except Exception:
-                # A stage bug must not cut the stream (SPEC §5): detach the stage and pass its
-                # input on, after whatever it still holds (if it can say).
-                log.exception("stream stage %s failed; it is detached, bytes pass through",
-                              type(stage).__name__)
-                self.stages.remove(stage)
-                salvage = getattr(stage, "salvage", None)
-                held = salvage() if callable(salvage) else b""
-                fed = [held, *pieces] if held else list(pieces)
+                fed = self._detach(stage, pieces)
             pieces = fed
             if not pieces:
                 return []
         return [p for p in pieces if p]
+
+    def _detach(self, stage: StreamStage, pieces: list[bytes]) -> list[bytes]:
+        # A stage bug must not cut the stream (SPEC §5): detach the stage and pass its input on,
+        # after whatever it still holds (if it can say).
+        log.exception("stream stage %s failed; it is detached, bytes pass through",
+                      type(stage).__name__)
+        self.stages.remove(stage)
+        salvage = getattr(stage, "salvage", None)
+        held = salvage() if callable(salvage) else b""
+        return [held, *pieces] if held else list(pieces)
 
     def _finish(self) -> list[bytes]:
         if self.finished:

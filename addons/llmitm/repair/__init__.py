@@ -14,6 +14,10 @@ are deterministic: a prefix (``call_``, ``fc_``, ``toolu_``) plus a hash of the 
 response id and the call's position, unique within the stream and sent once, on the call's
 first fragment.
 
+Speed: frames of a shape already handled in full (an argument fragment like the one before)
+take a fast path that skips the SSE and JSON parsers and gives the same bytes and repairs;
+see ``_shapes.py``.
+
 Repair classes (``StreamRepairer.repairs`` keys; counts are per fixed fragment/event/frame) and
 the defect classes of research/toolcall-defects.md they answer:
 

@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 from llmitm.sse import Frame, SSEParser, line_terminator, split_lines
 
 from ._json import encode, short_hash
+from ._shapes import (
+    MAX_MATCHERS,
+    MAX_SHAPES,
+    HoleValues,
+    Matcher,
+    Rewrite,
+    Shape,
+    ShapeEntry,
+    can_match,
+    hole_values,
+    shape_of,
+)
 
 log = logging.getLogger(__name__)
 
 _KNOWN = (b"data", b"event", b"id", b"retry")
+_NOT_WANTED = object()  # _admit for a frame the repairer does not look at
 
 
 def _field_name(content: bytes) -> bytes:
@@ -65,6 +78,10 @@ class StreamRepairer:
     endpoint = ""
     #: endpoints whose official SDK json-decodes every data line (empty data breaks it)
     _json_every_data = True
+    #: the keys whose values make a frame's holes (see ``Shape``); None: no fast path
+    _holes: ClassVar[tuple[bytes, ...]] = ()
+    #: the fast path on: tests turn it off to show it changes nothing
+    fast_path = True
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         self.repairs: Counter[str] = Counter()
@@ -80,6 +97,13 @@ class StreamRepairer:
         self._before: list[bytes] = []
         self._after: list[bytes] = []
         self._set_event: str | None = None
+        # Shapes of frames already handled in full (the fast path), and what _event leaves for
+        # the frame being handled: the state a later frame of the same shape continues.
+        self._shapes: dict[tuple[bytes, ...], ShapeEntry] = {}
+        self._matchers: list[Matcher] = []  # most recently used first
+        self._admit: Any = None
+        self._last_obj: dict[str, Any] | None = None  # the event _event just handled
+        self.full_frames = 0  # frames that took the full path (the rest took the fast path)
 
     # --- StreamStage ----------------------------------------------------------------------
 
@@ -89,6 +113,12 @@ class StreamRepairer:
         if self.passthrough:
             return [chunk]
         out: list[bytes] = []
+        if self._matchers and self._parser.at_frame_start():
+            done = self._match_frames(chunk, out)
+            if done == len(chunk):
+                return out if len(out) == 1 else [b"".join(out)]
+            if done:
+                chunk = chunk[done:]
         frames = self._parser.feed(chunk)
         for frame in frames:
             if self.passthrough:
@@ -127,7 +157,134 @@ class StreamRepairer:
     def _note(self, repair: str, count: int = 1) -> None:
         self.repairs[repair] += count
 
+    def _match_frames(self, chunk: bytes, out: list[bytes]) -> int:
+        """Whole frames of known shapes at the start of ``chunk``, handled without the SSE
+        parser (see llmitm/repair/_shapes.py): their output goes to ``out``; returns how many
+        bytes of ``chunk`` they took."""
+        pos, size = 0, len(chunk)
+        copied = 0  # chunk[copied:pos] passes on unchanged
+        matchers = self._matchers
+        while pos < size:
+            found = -1
+            for index, matcher in enumerate(matchers):
+                match = matcher.regex.match(chunk, pos)
+                if match is not None:
+                    found = index
+                    break
+            if found < 0 or match is None:
+                break
+            entry = matcher.entry
+            values = matcher.values(match)
+            if values is None:
+                break
+            written = None
+            if entry.rewrite is not None:
+                written = entry.rewrite.fill(values)
+                if written is None:
+                    break
+            if not self._continue(entry.state, values):
+                break
+            self._eol = entry.eol
+            if found:
+                matchers.insert(0, matchers.pop(found))
+            if written is not None:
+                self._count(entry.notes)
+                if pos > copied:
+                    out.append(chunk[copied:pos])
+                out.append(written)
+                copied = match.end()
+            pos = match.end()
+        if pos > copied:
+            out.append(chunk[copied:pos] if copied or pos < size else chunk)
+        return pos
+
+    def _count(self, notes: tuple[str, ...]) -> None:
+        for repair in notes:
+            self.repairs[repair] += 1
+        self.upstream_changed = True
+
     def _frame(self, frame: Frame) -> list[bytes]:
+        shape = None
+        if self._holes and self.fast_path and not frame.spaced:
+            shape = shape_of(frame.raw, self._holes)
+            if shape is not None:
+                entry = self._shapes.get(shape.key)
+                if entry is not None:
+                    written = self._fast(entry, frame, shape)
+                    if written is not None:
+                        return [written]
+        self._last_obj = None
+        pieces = self._full(frame)
+        if shape is not None and len(self._shapes) < MAX_SHAPES:
+            self._remember(frame, shape, pieces)
+        return pieces
+
+    def _fast(self, entry: ShapeEntry, frame: Frame, shape: Shape) -> bytes | None:
+        """The frame's output if its known shape can handle it; None: the full path must."""
+        values = hole_values(frame.raw, shape.holes)
+        if values is None:
+            return None
+        if entry.state is None:  # a frame the repairer does not look at: valid JSON is enough
+            return None if self._wants(frame) else frame.raw
+        written: bytes | None = frame.raw
+        if entry.rewrite is not None:
+            written = entry.rewrite.fill(values)
+            if written is None:
+                return None
+        if not self._continue(entry.state, values):
+            return None
+        self._eol = entry.eol
+        if entry.rewrite is not None:
+            self._count(entry.notes)
+        entry.hits += 1
+        if entry.hits == 1 and len(self._matchers) < MAX_MATCHERS and can_match(entry):
+            self._matchers.insert(0, Matcher(entry))
+        return written
+
+    def _remember(self, frame: Frame, shape: Shape, pieces: list[bytes]) -> None:
+        """After the full path: remember the frame's shape when a later frame of that shape can
+        take the fast path: the frame passed unchanged, or it was rewritten in a way the state
+        (``_admit``) vouches for, and nothing was added."""
+        state = self._admit
+        if self.passthrough or len(pieces) != 1 or state is None:
+            return
+        if state is _NOT_WANTED:
+            if pieces[0] is frame.raw:
+                self._shapes[shape.key] = ShapeEntry(shape, None, self._eol)
+            return
+        values = hole_values(frame.raw, shape.holes)
+        if values is None or not self._admits(state, values):
+            return
+        notes: tuple[str, ...] = getattr(state, "notes", ())
+        if pieces[0] is frame.raw:
+            if not notes:
+                self._shapes[shape.key] = ShapeEntry(shape, state, self._eol)
+            return
+        rewrite = self._rewrite_of(frame, shape, state, values, pieces[0])
+        if rewrite is not None:
+            self._shapes[shape.key] = ShapeEntry(shape, state, self._eol, rewrite, notes)
+
+    def _rewrite_of(self, frame: Frame, shape: Shape, state: Any, values: HoleValues,
+                    written: bytes) -> Rewrite | None:
+        """How frames of this shape are rewritten: the repaired event written again with marks
+        in its holes, cut at the marks; None unless that gives back ``written`` when filled with
+        this frame's own values."""
+        obj = self._last_obj
+        if (obj is None or not getattr(state, "notes", ()) or self._set_event is not None
+                or not all(is_string for _, _, is_string in shape.holes.values())):
+            return None
+        marks = {name: f"\ue000llmitm:{n}\ue001" for n, name in enumerate(shape.holes)}
+        if not self._put_holes(state, obj, dict(marks)):
+            return None
+        rewrite = Rewrite.of(self._reserialise(frame, obj),
+                             {name: mark.encode() for name, mark in marks.items()})
+        if rewrite is None or rewrite.fill(values) != written:
+            return None
+        return rewrite
+
+    def _full(self, frame: Frame) -> list[bytes]:
+        self._admit = None
+        self.full_frames += 1
         spaced = False
         original = frame.raw
         if frame.spaced:
@@ -162,6 +319,7 @@ class StreamRepairer:
             self.passthrough = True
             return [original]
         if not spaced and not self._wants(frame):
+            self._admit = _NOT_WANTED
             return [frame.raw]
         if not isinstance(obj, dict):
             return self._changed([frame.raw], "spaced_field") if spaced else [frame.raw]
@@ -169,6 +327,7 @@ class StreamRepairer:
         self._before = []
         self._after = []
         self._set_event = None
+        self._last_obj = obj
         changed = self._event(obj, frame)
         pieces = self._before
         if changed or self._set_event is not None:
@@ -252,3 +411,19 @@ class StreamRepairer:
 
     def _on_done(self) -> list[bytes]:
         return []
+
+    def _admits(self, state: Any, values: HoleValues) -> bool:
+        """Whether ``state`` (left in ``_admit`` by ``_event``) may continue frames of this
+        shape: the holes must hold the values ``_event`` used."""
+        return False
+
+    def _put_holes(self, state: Any, obj: dict[str, Any], values: dict[bytes, str]) -> bool:
+        """Put ``values`` where ``state``'s frame had its holes in ``obj`` (the event as
+        ``_event`` left it); False if the repairer cannot say where they go."""
+        return False
+
+    def _continue(self, state: Any, values: HoleValues) -> bool:
+        """The fast path of a known shape: update the state exactly as ``_event`` would for a
+        frame with these hole values, or return False, changing nothing, when the state no
+        longer allows it."""
+        return False

@@ -25,8 +25,10 @@ from ._json import (
     starts_value,
     unwrap_double_encoded,
 )
+from ._shapes import HoleValues
 
 _NO_ARG_FIX_FINISH = ("length", "content_filter")
+_ARGUMENTS = b"arguments"
 
 
 def tool_choice_forced(request_json: dict[str, Any] | None) -> bool:
@@ -94,10 +96,29 @@ class _Choice:
         self.finish: str | None = None
 
 
+class _Continuation:
+    """What a plain argument fragment continues: its call, reached by its upstream index (or, with
+    none, as the latest call), and the repairs each such fragment needs (a client index)."""
+
+    __slots__ = ("args", "call", "choice", "chunk_id", "function", "notes", "up")
+
+    def __init__(self, call: _Call, choice: _Choice, up: int | None, args: str,
+                 function: dict[str, Any], notes: tuple[str, ...]) -> None:
+        self.call = call
+        self.choice = choice
+        self.up = up
+        self.args = args
+        self.function = function  # the fragment's "function" object, for _put_holes
+        self.notes = notes
+        self.chunk_id: str | None = None
+
+
 class ChatRepairer(StreamRepairer):
     """Streamed chat completions (``chat.completion.chunk`` events)."""
 
     endpoint = "chat_completions"
+    # ``obfuscation``: OpenAI's per-chunk random padding, never read here
+    _holes = (b'"arguments":', b'"obfuscation":')
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         super().__init__(request_json)
@@ -130,6 +151,8 @@ class ChatRepairer(StreamRepairer):
         if not isinstance(choices, list):
             return False
         changed = False
+        reason: Any = None
+        many = False  # several tool-call fragments in one chunk
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -143,13 +166,48 @@ class ChatRepairer(StreamRepairer):
                 fragments = delta.get("tool_calls")
                 if isinstance(fragments, list) and fragments:
                     self._active = True
+                    if len(fragments) != 1:
+                        many = True
                     for fragment in fragments:
                         if isinstance(fragment, dict) and self._fragment(state, ci, fragment):
                             changed = True
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason and self._finish(state, choice, reason):
                 changed = True
+        if self._admit is not None:
+            # a plain continuation may take the fast path only if nothing else in the chunk
+            # touched the state: one choice, one fragment, no finish, no usage
+            if many or len(choices) != 1 or obj.get("usage") is not None or reason:
+                self._admit = None
+            elif isinstance(chunk_id, str) and chunk_id:
+                self._admit.chunk_id = chunk_id
         return changed
+
+    def _admits(self, state: Any, values: HoleValues) -> bool:
+        return values.get(_ARGUMENTS) == state.args
+
+    def _put_holes(self, state: Any, obj: dict[str, Any], values: dict[bytes, str]) -> bool:
+        state.function["arguments"] = values.pop(_ARGUMENTS, None)
+        if b"obfuscation" in values:
+            obj["obfuscation"] = values.pop(b"obfuscation")
+        return not values
+
+    def _continue(self, state: Any, values: HoleValues) -> bool:
+        # the conditions under which _event finds this frame a plain continuation of the call
+        call: _Call = state.call
+        choice: _Choice = state.choice
+        if (
+            (choice.by_upstream.get(state.up) if state.up is not None else choice.calls[-1])
+            is not call
+            or call.progress.complete
+            or not call.args.strip()
+            or (state.chunk_id is not None and self._template.get("id") != state.chunk_id)
+        ):
+            return False
+        args = values[_ARGUMENTS]
+        assert isinstance(args, str)  # a string hole
+        call.add_args(args)
+        return True
 
     def _route(
         self, state: _Choice, up: int | None, fid: str | None, name: Any, args: str | None
@@ -248,6 +306,19 @@ class ChatRepairer(StreamRepairer):
             fn["name"] = call.name = previous.name
             changed = True
         if has_args:
+            if (
+                not new and why is None and args_fix is None and changed == (up != call.index)
+                and set(tc) <= {"index", "function", "type"} and len(fn) == 1
+                and call.args.strip() and not call.progress.complete
+                and (state.by_upstream.get(up) if up is not None else state.calls[-1]) is call
+            ):
+                # a plain argument fragment (maybe with a client index to set): frames of its
+                # shape can take the fast path
+                notes = () if up == call.index else ("missing_index" if up is None else call.remap,)
+                self._admit = None if self._admit is not None else _Continuation(
+                    call, state, up, args, fn, notes)
+            else:
+                self._admit = None
             if args_fix is not None:
                 self._note(args_fix)
                 fn["arguments"] = args

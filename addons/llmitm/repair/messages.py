@@ -10,9 +10,11 @@ from llmitm.sse import Frame
 
 from ._base import StreamRepairer
 from ._json import JsonProgress, arguments_text, is_int, same_json, short_hash
+from ._shapes import HoleValues
 
 _TOOL_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
 _WANTED = frozenset({"message_start", "content_block_start", "message_delta"})
+_PARTIAL_JSON = b"partial_json"
 
 
 class _Block:
@@ -23,11 +25,23 @@ class _Block:
         self.progress = JsonProgress()
 
 
+class _Continuation:
+    """What a plain ``input_json_delta`` continues: its block, by index."""
+
+    __slots__ = ("block", "index", "text")
+
+    def __init__(self, block: _Block, index: int, text: str) -> None:
+        self.block = block
+        self.index = index
+        self.text = text
+
+
 class MessagesRepairer(StreamRepairer):
     """Streamed Anthropic Messages events."""
 
     endpoint = "messages"
     _json_every_data = False  # anthropic-python skips events with empty data
+    _holes = (b'"partial_json":',)
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         super().__init__(request_json)
@@ -58,7 +72,7 @@ class MessagesRepairer(StreamRepairer):
         if kind == "content_block_start":
             return self._block_start(obj)
         if kind == "content_block_delta":
-            return self._block_delta(obj)
+            return self._block_delta(obj, frame.event is not None)
         if kind == "message_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason") == "end_turn" and self._tool_use:
@@ -96,7 +110,7 @@ class MessagesRepairer(StreamRepairer):
         self._blocks[index] = _Block()
         return changed
 
-    def _block_delta(self, obj: dict[str, Any]) -> bool:
+    def _block_delta(self, obj: dict[str, Any], frame_named: bool) -> bool:
         delta = obj.get("delta")
         if not isinstance(delta, dict) or delta.get("type") != "input_json_delta":
             return False
@@ -118,9 +132,26 @@ class MessagesRepairer(StreamRepairer):
             delta["partial_json"] = text = ""
             self._note("duplicate_arguments")
             changed = True
+        elif not changed and frame_named and is_int(index) and not block.progress.complete:
+            # a plain delta of a known block: frames of its shape take the fast path
+            self._admit = _Continuation(block, index, text)
         block.args += text
         block.progress.feed(text)
         return changed
+
+    def _admits(self, state: Any, values: HoleValues) -> bool:
+        return values.get(_PARTIAL_JSON) == state.text
+
+    def _continue(self, state: Any, values: HoleValues) -> bool:
+        # the conditions under which _event finds this frame a plain delta of the block
+        block: _Block = state.block
+        if self._blocks.get(state.index) is not block or block.progress.complete:
+            return False
+        text = values[_PARTIAL_JSON]
+        assert isinstance(text, str)
+        block.args += text
+        block.progress.feed(text)
+        return True
 
 
 # --- whole (non-streamed) responses -----------------------------------------------------------

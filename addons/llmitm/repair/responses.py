@@ -14,6 +14,7 @@ from llmitm.sse import Frame
 
 from ._base import StreamRepairer
 from ._json import arguments_text, is_int, short_hash
+from ._shapes import HoleValues
 
 _INTERESTING = frozenset(
     {
@@ -29,6 +30,8 @@ _INTERESTING = frozenset(
     }
 )
 _FINAL = ("response.completed", "response.incomplete", "response.failed")
+_DELTA = b"delta"
+_SEQ = b"sequence_number"
 
 
 class _Item:
@@ -48,10 +51,23 @@ class _Item:
         self.done = False
 
 
+class _Continuation:
+    """What a plain ``function_call_arguments.delta`` continues: its item, found by its id."""
+
+    __slots__ = ("delta", "item", "item_id", "seq")
+
+    def __init__(self, item: _Item, item_id: str, delta: str, seq: Any) -> None:
+        self.item = item
+        self.item_id = item_id
+        self.delta = delta
+        self.seq = seq  # the sequence number when it is not a hole
+
+
 class ResponsesRepairer(StreamRepairer):
     """Streamed Responses API events (``response.*``)."""
 
     endpoint = "responses"
+    _holes = (b'"delta":', b'"obfuscation":', b'"sequence_number":')
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         super().__init__(request_json)
@@ -198,8 +214,29 @@ class ResponsesRepairer(StreamRepairer):
             self._note(fix or "null_arguments")
             obj["delta"] = text
             changed = True
+        elif not changed and self._found_by_id(obj, state):
+            # a plain delta of a call found by its id: frames of its shape take the fast path
+            self._admit = _Continuation(state, state.item_id, obj["delta"], self._seq)
         state.args += obj["delta"]
         return changed
+
+    def _found_by_id(self, obj: dict[str, Any], state: _Item) -> bool:
+        iid = obj.get("item_id")
+        return isinstance(iid, str) and self._by_id.get(iid) is state
+
+    def _admits(self, state: Any, values: HoleValues) -> bool:
+        return values.get(_DELTA) == state.delta and values.get(_SEQ, state.seq) == state.seq
+
+    def _continue(self, state: Any, values: HoleValues) -> bool:
+        # the conditions under which _event finds this frame a plain delta of the item
+        item: _Item = state.item
+        if self._by_id.get(state.item_id) is not item:
+            return False
+        text = values[_DELTA]
+        assert isinstance(text, str)  # a string hole
+        self._seq = values.get(_SEQ, state.seq)
+        item.args += text
+        return True
 
     def _args_done(self, obj: dict[str, Any]) -> bool:
         state, changed = self._resolve(obj)
