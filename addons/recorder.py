@@ -4,9 +4,27 @@
 recording off) gets ``<session>-<YYYY-MM-DD>.mitm`` files that ``mitmweb -r`` opens and
 ``scripts/replay`` (or ``--server-replay``) serves. Each finished HTTP flow (``response``), error
 (``error``) and WebSocket flow (``websocket_end``) is serialised whole and appended with one
-``write`` to a file opened with ``O_APPEND``, so a ``kill -9`` loses at most the flows still in
-progress; a partial record left at a file's end by a crash mid-write is cut off before the next
-append, so the file stays readable.
+``write`` to a file opened with ``O_APPEND``; a partial record left at a file's end by a crash
+mid-write is cut off before the next append, so the file stays readable.
+
+Two processes share the work, so that a response never waits for its recording. On
+mitmproxy's event loop the addon only takes a snapshot of the finished flow (its state, with
+metadata as plain data and the states of keep-alive connections reused; the names and values of
+its secret headers; the captured stream) and writes it, pickled, to a pipe: about 0.1 ms. A
+long-lived child process, the recording writer (this file run with ``--writer``, started when
+mitmdump is running), rebuilds the flow, redacts, serialises and appends it: the ~0.7 ms of CPU
+per flow this took on the event loop, in the path of every response, before the split. The
+writer reads in batches (it pauses briefly after a small read; what waits stays in the pipe),
+so it wakes up once per batch rather than once per flow. It ignores SIGINT and SIGTERM (meant
+for mitmdump, whose process group it shares) and, at the end of its pipe, writes everything it
+was handed before it exits: a ``kill -9`` of mitmdump alone loses only the flows still in
+progress (and any the pipe could not take yet). The pipe never blocks the loop: what it cannot
+take at once waits in the addon, at most ``MAX_BACKLOG`` bytes (beyond that flows are dropped,
+counted and logged), and is written when the pipe has room. ``Recorder.flush()`` waits until
+everything handed over is written; ``done`` closes the pipe and waits for the writer to finish.
+The writer's log lines come back over a second pipe and are logged by the addon (never flow
+content: paths, counts, exception names). A writer that dies is replaced with the next flow; if
+none can run, the addon writes in-process as before.
 
 Streamed bodies are kept as the client received them (a tap on the StreamPipeline), with their
 timing in ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes (seen
@@ -24,41 +42,64 @@ response bodies, WebSocket messages, error text, comments and metadata.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import fcntl
 import io as pyio
 import logging
 import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple, cast
 
-from mitmproxy import http, io
+from mitmproxy import connection, http, io
+from mitmproxy.io import tnetstring
 from mitmproxy.net import encoding
 
 from glue import current_config
-from guard import current_secrets, injected_of, session_of
+from guard import current_secrets, session_of
 from llmitm import flowmeta
 from llmitm.recording import (
     TRUNCATED,
     UPSTREAM_ORIGINAL_BODY,
     UPSTREAM_ORIGINAL_TIMING,
-    RecordConfig,
     StreamCapture,
     recording_path,
     timing_of,
     valid_prefix,
 )
-from llmitm.redact import SecretSet, redacted
+from llmitm.redact import SecretSet, is_marker, redacted
 from llmitm.streaming import StreamPipeline
 from llmitm.x402 import PAYMENT_HEADERS
 
 logger = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 32
+MAX_BACKLOG = 64 * 1024 * 1024  # bytes waiting in mitmdump for the writer; beyond: drop flows
+PIPE_SIZE = 1024 * 1024  # asked of the kernel: a burst waits there, out of mitmdump's memory
+BATCH_PAUSE = 0.1  # the writer's pause after a read: flows are written in batches (see _frames)
+WAIT_TIMEOUT = 10.0  # how long done() (and a write without an event loop) waits for the writer
+QUICK_DEATH = 10.0  # a writer that dies this soon after its start, three times: write in-process
 _COOKIE_HEADERS = frozenset({"cookie", "set-cookie"})
+_FRAME = struct.Struct("!Q")  # every message on both pipes: length, then a pickle
+
+# Messages are tuples of plain data (no class of ours: the writer runs this file as __main__).
+# To the writer: ("secrets", values, names), ("flow", path, state, injected, values, captured,
+# max_body), ("close",) when record.dir changed, ("sync", n). Back: ("log", level, text),
+# ("synced", n).
+Message = tuple[Any, ...]
 
 
 class _Observe:
@@ -77,6 +118,16 @@ class _Observe:
         return []
 
 
+class Captured(NamedTuple):
+    """A streamed body as the client received it, and the upstream's when a repair changed it
+    (else None), each with its chunk ends ``(seconds, offset)``. Plain data: it crosses the pipe."""
+
+    client_body: bytes
+    client_ends: list[tuple[float, int]]
+    upstream_body: bytes | None = None
+    upstream_ends: list[tuple[float, int]] | None = None
+
+
 class _Capture:
     __slots__ = ("client", "stages", "upstream")
 
@@ -88,6 +139,13 @@ class _Capture:
     @property
     def upstream_changed(self) -> bool:
         return any(getattr(stage, "upstream_changed", False) is True for stage in self.stages)
+
+    def snapshot(self) -> Captured:
+        """What the writer needs, taken now: the stages stay behind with the live flow."""
+        if self.upstream is not None and self.upstream_changed:
+            return Captured(self.client.body, list(self.client.ends),
+                            self.upstream.body, list(self.upstream.ends))
+        return Captured(self.client.body, list(self.client.ends))
 
 
 # -- redaction of a flow copy ------------------------------------------------------------------
@@ -156,12 +214,13 @@ def _redact_body(
     return cut, timing
 
 
-def _plain(value: Any, secrets: SecretSet) -> Any:
-    """Metadata as plain data (what FlowWriter can write), with secrets redacted."""
+def _plain(value: Any, secrets: SecretSet | None) -> Any:
+    """Metadata as plain data (what FlowWriter can write and pickle carries without importing
+    anything), with secrets redacted (not when ``secrets`` is None: the writer does that)."""
     if isinstance(value, str):
-        return secrets.redact_text(value)
+        return secrets.redact_text(value) if secrets is not None else value
     if isinstance(value, bytes | bytearray | memoryview):
-        return secrets.redact_bytes(bytes(value))
+        return secrets.redact_bytes(bytes(value)) if secrets is not None else bytes(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, list | tuple):
@@ -171,19 +230,76 @@ def _plain(value: Any, secrets: SecretSet) -> Any:
     return f"<{type(value).__name__}>"
 
 
-def _state_of(flow: http.HTTPFlow) -> dict[str, Any]:
+class _Held:
+    """A connection's state standing in for the connection on a flow: ``Flow.get_state`` and
+    ``set_state`` take it as it is, so the connection is never rebuilt or taken apart again."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.state = state
+
+    def get_state(self) -> dict[str, Any] | None:
+        return self.state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+_Known = tuple[tuple[Any, ...], dict[str, Any]]  # a connection's fields, and its state
+
+
+class _ConnStates:
+    """``get_state()`` of connections, kept per connection while its fields stay the same: a
+    keep-alive connection serves many flows, and its state (TLS details, certificates) is most
+    of a flow's. ``get_state`` depends on the fields only, so equal fields give an equal state
+    (lists are compared as copies: one appended to in place counts as changed)."""
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[connection.Connection, _Known] = weakref.WeakKeyDictionary()
+        self._getters: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+    def state(self, conn: connection.Connection) -> dict[str, Any]:
+        getter = self._getters.get(type(conn))
+        if getter is None:
+            names = [f.name for f in dataclasses.fields(conn)]
+            getter = self._getters[type(conn)] = attrgetter(*names)
+        fields = tuple(tuple(v) if isinstance(v, list) else v for v in getter(conn))
+        known = self._known.get(conn)
+        if known is not None and known[0] == fields:
+            return known[1]
+        state = conn.get_state()
+        self._known[conn] = (fields, state)
+        return state
+
+
+def _state_of(flow: http.HTTPFlow, conns: _ConnStates | None = None) -> dict[str, Any]:
+    """The flow's state, sharing nothing the writer may change with the live flow: metadata is
+    taken apart by ``_plain`` (new containers, so no deep copy; it also copes with values that
+    deepcopy or pickle refuse), connection states come from ``conns`` (only pickled)."""
+    conns = conns or _ConnStates()
+    client, server, metadata = flow.client_conn, flow.server_conn, flow.metadata
+    flow.client_conn = cast(connection.Client, _Held(conns.state(client)))
+    flow.server_conn = cast(connection.Server, _Held(conns.state(server)))
+    flow.metadata = {}
     try:
         state = flow.get_state()
-    except Exception:  # metadata that cannot be deep-copied: take it apart ourselves
-        metadata = flow.metadata
-        flow.metadata = {}
-        try:
-            state = flow.get_state()
-        finally:
-            flow.metadata = metadata
-        state["metadata"] = dict(metadata)
+    finally:
+        flow.client_conn, flow.server_conn, flow.metadata = client, server, metadata
+    state["metadata"] = {str(k): _plain(v, None) for k, v in metadata.items()}
     state["backup"] = None  # an edited flow's backup holds the unredacted original
     return state
+
+
+def _injected_names(flow: http.HTTPFlow) -> frozenset[str]:
+    """Names of the headers the gateway injected. Only the names are read (injected_of would
+    parse each entry's scope on the event loop); an entry it would refuse still gets its header
+    redacted whole, which errs on the safe side."""
+    entries = flow.metadata.get(flowmeta.INJECTED)
+    if not isinstance(entries, list):
+        return frozenset()
+    return frozenset(e["name"].lower() for e in entries
+                     if isinstance(e, dict) and isinstance(e.get("name"), str))
 
 
 def _flow_values(flow: http.HTTPFlow, names: frozenset[str], injected: frozenset[str]) -> set[str]:
@@ -210,21 +326,18 @@ def _flow_values(flow: http.HTTPFlow, names: frozenset[str], injected: frozenset
 
 
 def redacted_copy(
-    flow: http.HTTPFlow,
+    state: dict[str, Any],
     secrets: SecretSet,
-    config: RecordConfig,
-    capture: _Capture | None = None,
-    values_to_set: Callable[[set[str]], SecretSet] | None = None,
+    max_body: int,
+    injected: frozenset[str] = frozenset(),
+    captured: Captured | None = None,
 ) -> http.HTTPFlow:
-    """A copy of ``flow`` fit to be written: secrets redacted, bodies bounded, streamed bodies
-    filled in from ``capture``, metadata plain."""
-    injected = frozenset(i.name.lower() for i in injected_of(flow))
-    values = _flow_values(flow, secrets.names, injected) - secrets.values
-    if values:
-        secrets = values_to_set(values) if values_to_set else secrets.with_values(values)
-    copy = http.HTTPFlow.from_state(_state_of(flow))
-    assert isinstance(copy, http.HTTPFlow)
-    max_body = config.max_body
+    """The flow of ``state`` (from ``_state_of``) fit to be written: secrets redacted (``secrets``
+    holds the flow's own header values too), bodies bounded, a streamed body filled in from
+    ``captured``, metadata plain. ``injected``: names of the headers the gateway injected.
+    Its connections stay states (nothing in them is redacted): ``serialize`` writes them."""
+    copy = http.HTTPFlow(cast(connection.Client, _Held()), cast(connection.Server, _Held()))
+    copy.set_state(state)  # HTTPFlow.from_state, minus rebuilding both connections
     truncated: dict[str, int] = {}
     timing: list[list[float | int]] | None = None
 
@@ -243,18 +356,18 @@ def redacted_copy(
         resp.headers = _redact_headers(resp.headers, secrets, ())
         if resp.trailers:
             resp.trailers = _redact_headers(resp.trailers, secrets, ())
-        if capture is not None and resp.raw_content is None:
-            cut, timing = _redact_body(resp, secrets, max_body, capture.client.body, capture.client.ends)
+        if captured is not None and resp.raw_content is None:
+            cut, timing = _redact_body(resp, secrets, max_body, captured.client_body, captured.client_ends)
         else:
             cut, _ = _redact_body(resp, secrets, max_body, resp.raw_content)
         if cut is not None:
             truncated["response"] = cut
-        if capture is not None and capture.upstream is not None and capture.upstream_changed:
+        if captured is not None and captured.upstream_body is not None:
             holder = http.Response.make(200, b"")
             if "content-encoding" in resp.headers:
                 holder.headers["content-encoding"] = resp.headers["content-encoding"]
-            upstream = capture.upstream
-            ocut, otiming = _redact_body(holder, secrets, max_body, upstream.body, upstream.ends)
+            ocut, otiming = _redact_body(holder, secrets, max_body, captured.upstream_body,
+                                         captured.upstream_ends or [])
             original = (holder.raw_content or b"", otiming, ocut)
 
     if copy.websocket is not None:
@@ -300,6 +413,455 @@ def serialize(flow: http.HTTPFlow) -> bytes:
     return buf.getvalue()
 
 
+# -- the writer's side: files and messages -------------------------------------------------------
+_CONNS = ("client_conn", "server_conn")
+
+
+class _Dumper:
+    """A flow state as tnetstring, byte for byte what FlowWriter writes, with the connections'
+    parts kept while they repeat (every flow of a keep-alive connection): tnetstring is pure
+    Python and the connections are most of a flow."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._conns: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+
+    def dumps(self, state: dict[str, Any]) -> bytes:
+        parts: list[bytes] = []
+        for key, value in reversed(state.items()):  # tnetstring.dumps writes a dict's items last first
+            parts.append(tnetstring.dumps(key))
+            parts.append(self._conn(value) if key in _CONNS and isinstance(value, dict)
+                         else tnetstring.dumps(value))
+        payload = b"".join(parts)
+        return b"%d:%s}" % (len(payload), payload)
+
+    def _conn(self, state: dict[str, Any]) -> bytes:
+        key = str(state.get("id"))
+        known = self._conns.get(key)
+        if known is not None and known[0] == state:
+            self._conns.move_to_end(key)
+            return known[1]
+        data = tnetstring.dumps(state)
+        self._conns[key] = (state, data)
+        if len(self._conns) > self._size:
+            self._conns.popitem(last=False)
+        return data
+
+
+class _Files:
+    """Recording files open for appending: O_APPEND, one write per flow, at most
+    ``MAX_OPEN_FILES`` open, a partial tail (a crash mid-write) cut before the first append."""
+
+    def __init__(self) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+
+    def append(self, path: Path, data: bytes) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._open(path)
+        else:
+            self._fds.move_to_end(path)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def _open(self, path: Path) -> int:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            good = valid_prefix(path)
+            size = path.stat().st_size
+            if good < size:
+                os.truncate(path, good)
+                logger.warning(
+                    "llmitm recorder: %s ended in a partial flow (killed mid-write?); cut %d bytes",
+                    path, size - good,
+                )
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fds[path] = fd
+        logger.info("llmitm recorder: recording to %s", path)
+        while len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def close_all(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _Writer:
+    """What the recording writer does with each message (in the child; in-process as a fallback)."""
+
+    def __init__(self, synced: Callable[[int], None] = lambda _n: None) -> None:
+        self._files = _Files()
+        self._dumper = _Dumper()
+        self._secrets = SecretSet(header_names=PAYMENT_HEADERS)
+        self._with_values: OrderedDict[frozenset[str], SecretSet] = OrderedDict()
+        self._failed: set[str] = set()
+        self._synced = synced
+
+    def handle(self, message: Message) -> None:
+        kind = message[0]
+        if kind == "flow":
+            self._record(*message[1:])
+        elif kind == "secrets":
+            _, values, names = message
+            # The names already hold the always-secret ones: the same set as
+            # ConfigSecrets.secret_set(extra_names=PAYMENT_HEADERS) builds.
+            self._secrets = SecretSet(values, names, always_redacted=False)
+            self._with_values.clear()
+        elif kind == "close":
+            self._files.close_all()
+        elif kind == "sync":
+            self._synced(message[1])
+
+    def close(self) -> None:
+        self._files.close_all()
+
+    def _secrets_with(self, values: frozenset[str]) -> SecretSet:
+        found = self._with_values.get(values)
+        if found is None:
+            found = self._secrets.with_values(values)
+            self._with_values[values] = found
+            if len(self._with_values) > 256:
+                self._with_values.popitem(last=False)
+        else:
+            self._with_values.move_to_end(values)
+        return found
+
+    def _record(self, path: str, state: dict[str, Any], injected: tuple[str, ...],
+                values: tuple[str, ...], captured: tuple[Any, ...] | None, max_body: int) -> None:
+        try:
+            secrets = self._secrets_with(frozenset(values)) if values else self._secrets
+            copy = redacted_copy(state, secrets, max_body, frozenset(injected),
+                                 Captured(*captured) if captured is not None else None)
+            self._files.append(Path(path), self._dumper.dumps(copy.get_state()))
+        except Exception as e:  # one bad flow never stops the others; name the file, never the content
+            key = f"{path}:{type(e).__name__}"
+            if key not in self._failed:
+                self._failed.add(key)
+                logger.error("llmitm recorder: cannot record to %s: %s", path, type(e).__name__)
+
+
+def _frame(message: Message) -> list[bytes]:
+    """``message`` as it goes down a pipe: its length, then its pickle (two parts, written with
+    one writev: no copy of a large pickle)."""
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return [_FRAME.pack(len(body)), body]
+
+
+def _frames(fd: int, pause: float) -> Iterator[bytes]:
+    """The pickles of the messages read from ``fd`` up to its end (a message cut short there:
+    the sender died in the middle of it, is dropped). After each read that did not fill much of
+    the pipe, waits ``pause`` so that messages arrive in batches: one wake-up per batch rather
+    than per flow, which costs the machine less (a wake-up follows each flow mitmdump hands
+    over) and leaves the CPUs to mitmdump and its peers between batches. What waits stays in
+    the pipe, in the kernel: it outlives mitmdump."""
+    try:
+        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except (OSError, AttributeError):  # not Linux: the usual size
+        capacity = 64 * 1024
+    buf = bytearray()
+    while chunk := os.read(fd, capacity):
+        buf += chunk
+        pos = 0
+        while len(buf) - pos >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(buf, pos)
+            end = pos + _FRAME.size + size
+            if len(buf) < end:
+                break
+            yield bytes(buf[pos + _FRAME.size:end])
+            pos = end
+        del buf[:pos]
+        if len(chunk) < capacity // 4:  # more than that: the writer is behind, no pause
+            time.sleep(pause)
+
+
+class _Replies:
+    """The writer's pipe back to mitmdump: sync answers and log lines."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.open = True
+
+    def send(self, message: Message) -> bool:
+        if not self.open:
+            return False
+        view = memoryview(b"".join(_frame(message)))  # small: log lines and sync answers
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:  # mitmdump is gone: nobody to answer any more
+            self.open = False
+        return self.open
+
+
+class _Relay(logging.Handler):
+    """The writer's log records, sent to mitmdump to be logged there (stderr once it is gone)."""
+
+    def __init__(self, replies: _Replies) -> None:
+        super().__init__()
+        self.replies = replies
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if not self.replies.send(("log", record.levelno, text)):
+            with contextlib.suppress(OSError):
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+
+
+def _writer_main(argv: list[str]) -> int:
+    """The recording writer: messages from stdin until its end, then exit."""
+    if len(argv) != 2 or argv[0] != "--writer" or not argv[1].isdigit():
+        print("usage: recorder.py --writer REPLY_FD  (started by the recorder addon)", file=sys.stderr)
+        return 2
+    # Ctrl-C and the harness signal the whole process group: mitmdump shuts down and closes the
+    # pipe, and the writer finishes what it was handed first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    replies = _Replies(int(argv[1]))
+    root = logging.getLogger()
+    root.handlers[:] = [_Relay(replies)]
+    root.setLevel(logging.INFO)
+
+    def synced(n: int) -> None:
+        replies.send(("synced", n))
+
+    writer = _Writer(synced)
+    bad: set[str] = set()
+    for body in _frames(0, BATCH_PAUSE):
+        try:
+            message = pickle.loads(body)
+        except Exception as e:
+            if type(e).__name__ not in bad:
+                bad.add(type(e).__name__)
+                logger.error("llmitm recorder: unreadable message from mitmdump: %s", type(e).__name__)
+            continue
+        writer.handle(message)
+    writer.close()
+    return 0
+
+
+# -- mitmdump's side: the pipe to the writer -----------------------------------------------------
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Child:
+    """One recording writer process and both pipes to it. With an event loop running, nothing
+    here blocks it: writes the pipe cannot take wait in ``_pending`` for ``add_writer``, answers
+    are read by ``add_reader``. Without one (tests), writes block, bounded by ``WAIT_TIMEOUT``."""
+
+    def __init__(self, on_message: Callable[[Message], None]) -> None:
+        reply_r, reply_w = os.pipe()
+        # Run as a script, this file finds its imports next to it (not with PYTHONSAFEPATH).
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--writer", str(reply_w)],
+                stdin=subprocess.PIPE, bufsize=0, close_fds=True, pass_fds=(reply_w,), env=env,
+            )
+        except BaseException:
+            os.close(reply_r)
+            raise
+        finally:
+            os.close(reply_w)
+        assert self.proc.stdin is not None
+        self.started = time.monotonic()
+        self._out = self.proc.stdin.fileno()
+        self._in = reply_r
+        os.set_blocking(self._out, False)
+        os.set_blocking(self._in, False)
+        with contextlib.suppress(OSError, AttributeError):  # Linux only; the default is 64 KB
+            fcntl.fcntl(self._out, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self._on_message = on_message
+        self._pending: deque[bytes | memoryview] = deque()
+        self.backlog = 0
+        self._received = bytearray()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where _in (and _out) are watched
+        self._writing = False
+        self.alive = True
+        self._closing = False
+        self.synced = 0
+        if (loop := _running_loop()) is not None:
+            self._watch(loop)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, parts: list[bytes], force: bool = False) -> Literal["sent", "full", "dead"]:
+        """Queue one framed message; "full" (not queued) when ``MAX_BACKLOG`` is reached, unless
+        ``force`` (secrets and syncs must never be dropped)."""
+        if not self.alive:
+            return "dead"
+        size = sum(len(part) for part in parts)
+        if not force and self._pending and self.backlog + size > MAX_BACKLOG:
+            return "full"
+        self._pending.extend(parts)
+        self.backlog += size
+        loop = _running_loop()
+        if loop is None:
+            self._pump(time.monotonic() + WAIT_TIMEOUT, lambda: not self._pending)
+        else:
+            self._watch(loop)
+            self._write_some()
+            if self._pending and self.alive and not self._writing:
+                loop.add_writer(self._out, self._on_writable)
+                self._writing = True
+        return "sent" if self.alive else "dead"
+
+    def wait_synced(self, n: int, timeout: float) -> bool:
+        return self._pump(time.monotonic() + timeout, lambda: self.synced >= n)
+
+    def close(self, timeout: float) -> None:
+        """Hand over what is queued, close the pipe (the writer's signal to finish) and wait
+        for it to exit; one that takes longer than ``timeout`` finishes on its own."""
+        deadline = time.monotonic() + timeout
+        if self.alive:
+            self._pump(deadline, lambda: not self._pending)
+        self._closing = True
+        self._unwatch()
+        lost = len(self._pending)
+        self._pending.clear()
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the end of the pipe: the writer finishes and exits
+        self._pump(deadline, lambda: not self.alive)  # its last log lines, up to its exit
+        self._close_pipes()
+        try:
+            code = self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.error("llmitm recorder: the recording writer (pid %d) is still writing after "
+                         "%.0fs; it finishes on its own", self.proc.pid, timeout)
+            return
+        if code != 0 or lost:
+            logger.error("llmitm recorder: the recording writer exited with code %s%s", code,
+                         f"; {lost} message(s) not handed over" if lost else "")
+
+    def discard(self) -> None:
+        """Let go of a writer that died (already logged): its pipes, and its exit status."""
+        self._closing = True
+        self._died()
+        self._close_pipes()
+        self.proc.poll()
+
+    def _close_pipes(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        if self._in >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._in)
+            self._in = -1  # never close a number the process may have reused
+
+    # -- the loop's callbacks and the blocking pump ---------------------------------------------
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop or not self.alive:
+            return
+        self._unwatch()
+        loop.add_reader(self._in, self._on_readable)
+        self._loop = loop
+
+    def _unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            with contextlib.suppress(Exception):  # a loop closed under us has nothing to remove
+                loop.remove_reader(self._in)
+                if self._writing:
+                    loop.remove_writer(self._out)
+        self._writing = False
+
+    def _on_writable(self) -> None:
+        self._write_some()
+        if (not self._pending or not self.alive) and self._writing and self._loop is not None:
+            self._loop.remove_writer(self._out)
+            self._writing = False
+
+    def _write_some(self) -> None:
+        pending = self._pending
+        while pending and self.alive:
+            try:
+                written = os.writev(self._out, list(islice(pending, 64)))
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the writer is gone
+                self._died()
+                return
+            self.backlog -= written
+            while written:
+                head = pending[0]
+                if written < len(head):
+                    pending[0] = memoryview(head)[written:]
+                    break
+                written -= len(head)
+                pending.popleft()
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._in, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._died()
+            return
+        self._received += data
+        while len(self._received) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(self._received)
+            if len(self._received) < _FRAME.size + size:
+                break
+            body = bytes(self._received[_FRAME.size:_FRAME.size + size])
+            del self._received[:_FRAME.size + size]
+            message = pickle.loads(body)
+            if message[0] == "synced":
+                self.synced = max(self.synced, message[1])
+            else:
+                self._on_message(message)
+
+    def _pump(self, deadline: float, done: Callable[[], bool]) -> bool:
+        """Write and read, blocking, until ``done()`` or the deadline (reading too, so a writer
+        blocked on its log lines never deadlocks with us)."""
+        while True:
+            self._write_some()
+            if done():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.alive:
+                break
+            poller = select.poll()  # not select.select: a busy mitmdump has fds past FD_SETSIZE
+            poller.register(self._in, select.POLLIN)
+            if self._pending:
+                poller.register(self._out, select.POLLOUT)
+            if any(fd == self._in for fd, _ in poller.poll(remaining * 1000)):
+                self._on_readable()
+        if not self._pending and self._writing and self._loop is not None:
+            self._loop.remove_writer(self._out)
+            self._writing = False
+        return done()
+
+    def _died(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self._unwatch()
+        self._pending.clear()
+        self.backlog = 0
+        if not self._closing:
+            code = self.proc.poll()
+            logger.error("llmitm recorder: the recording writer (pid %d) stopped (exit code %s); "
+                         "flows it had not written are lost, a new one starts with the next flow",
+                         self.proc.pid, code)
+
+
 # -- the addon -----------------------------------------------------------------------------------
 class Recorder:
     name = "llmitm-recorder"
@@ -307,35 +869,31 @@ class Recorder:
     def __init__(self) -> None:
         self._captures: weakref.WeakKeyDictionary[http.HTTPFlow, _Capture] = weakref.WeakKeyDictionary()
         self._written: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._conns = _ConnStates()
+        self._paths: dict[tuple[str, str, int], str] = {}
         self._dir: str | None = None
+        # The configuration's secrets, by generation (current_secrets); the writer gets them too.
         self._generation = -1
-        self._secrets = SecretSet(header_names=PAYMENT_HEADERS)
-        self._with_values: OrderedDict[frozenset[str], SecretSet] = OrderedDict()
+        self._names: frozenset[str] = SecretSet(header_names=PAYMENT_HEADERS).names
+        self._values: frozenset[str] = frozenset()
+        self._child: _Child | None = None
+        self._child_generation = -1  # of the secrets the writer has
+        self._quick_deaths = 0
+        self._local: _Writer | None = None  # in-process writing when no writer process runs
         self._failed: set[str] = set()
+        self._dropped = 0
+        self._syncs = 0
 
-    # -- secrets ---------------------------------------------------------------------------------
-    def secrets(self) -> SecretSet:
-        generation, config_secrets = current_secrets()
-        if generation != self._generation:
-            self._secrets = config_secrets.secret_set(extra_names=PAYMENT_HEADERS)
-            self._with_values.clear()
-            self._generation = generation
-        return self._secrets
-
-    def _secrets_with(self, values: set[str]) -> SecretSet:
-        key = frozenset(values)
-        found = self._with_values.get(key)
-        if found is None:
-            found = self._secrets.with_values(values)
-            self._with_values[key] = found
-            if len(self._with_values) > 256:
-                self._with_values.popitem(last=False)
-        else:
-            self._with_values.move_to_end(key)
-        return found
+    @property
+    def writer_pid(self) -> int | None:
+        """The recording writer's process id (None before the first flow or when in-process)."""
+        return self._child.pid if self._child is not None and self._child.alive else None
 
     # -- hooks -----------------------------------------------------------------------------------
+    def running(self) -> None:
+        if current_config().record.dir is not None:
+            self._writer()  # start it now: it imports while mitmdump waits for its first client
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or not response.stream:
@@ -387,63 +945,137 @@ class Recorder:
         self.record(flow)
 
     def done(self) -> None:
-        self._close_all()
+        self._caught_up()
+        child, self._child = self._child, None
+        if child is not None:
+            child.close(WAIT_TIMEOUT)
+        if self._local is not None:
+            self._local.close()
 
-    # -- writing ---------------------------------------------------------------------------------
+    # -- handing flows to the writer ---------------------------------------------------------
     def record(self, flow: http.HTTPFlow) -> None:
+        """Snapshot a finished flow and hand it to the writer (never blocks the event loop)."""
         config = current_config().record
         if config.dir is None or flow in self._written or flow.request.method.upper() == "CONNECT":
             return
         self._written.add(flow)
-        if config.dir != self._dir:
-            self._close_all()
-            self._dir = config.dir
-        path = recording_path(config.dir, session_of(flow), flow.timestamp_created)
+        path = self._path(config.dir, session_of(flow), flow.timestamp_created)
+        capture = self._captures.pop(flow, None)
         try:
-            copy = redacted_copy(flow, self.secrets(), config, self._captures.pop(flow, None),
-                                 self._secrets_with)
-            self._append(path, serialize(copy))
+            self._refresh_secrets()
+            injected = _injected_names(flow)
+            values = _flow_values(flow, self._names, injected) - self._values
+            message: Message = (
+                "flow", path, _state_of(flow, self._conns), tuple(injected), tuple(values),
+                tuple(capture.snapshot()) if capture is not None else None, config.max_body,
+            )
+            if config.dir != self._dir:
+                if self._dir is not None:
+                    self._deliver(("close",), force=True)  # files of the old directory
+                self._dir = config.dir
+            sent = self._deliver(message)
         except Exception as e:  # never break the flow; name the file, never the content
             key = f"{path}:{type(e).__name__}"
             if key not in self._failed:
                 self._failed.add(key)
                 logger.error("llmitm recorder: cannot record to %s: %s", path, type(e).__name__)
-
-    def _append(self, path: Path, data: bytes) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._open(path)
+            return
+        if sent:
+            self._caught_up()
         else:
-            self._fds.move_to_end(path)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+            if not self._dropped:
+                logger.warning("llmitm recorder: the recording writer is %d MB behind; flows are "
+                               "not recorded until it catches up", MAX_BACKLOG >> 20)
+            self._dropped += 1
 
-    def _open(self, path: Path) -> int:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size:
-            good = valid_prefix(path)
-            size = path.stat().st_size
-            if good < size:
-                os.truncate(path, good)
-                logger.warning(
-                    "llmitm recorder: %s ended in a partial flow (killed mid-write?); cut %d bytes",
-                    path, size - good,
-                )
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._fds[path] = fd
-        logger.info("llmitm recorder: recording to %s", path)
-        while len(self._fds) > MAX_OPEN_FILES:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        return fd
+    def flush(self, timeout: float = WAIT_TIMEOUT) -> bool:
+        """Block until every flow handed over so far is written (to the files, not fsync'd);
+        False on timeout or when the writer died. For tests and tools: it blocks the caller."""
+        child = self._child
+        if child is None or not child.alive:
+            return child is None
+        self._syncs += 1
+        child.send(_frame(("sync", self._syncs)), force=True)
+        return child.wait_synced(self._syncs, timeout)
 
-    def _close_all(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    def _path(self, directory: str, session: str, timestamp: float) -> str:
+        key = (directory, session, int(timestamp // 86400))  # the UTC day (POSIX days are 86400 s)
+        path = self._paths.get(key)
+        if path is None:
+            if len(self._paths) > 1024:
+                self._paths.clear()
+            path = self._paths[key] = str(recording_path(directory, session, timestamp))
+        return path
+
+    def _refresh_secrets(self) -> None:
+        generation, config_secrets = current_secrets()
+        if generation != self._generation:
+            # What config_secrets.secret_set(extra_names=PAYMENT_HEADERS) holds, without
+            # compiling its matchers here: the writer builds the SecretSet.
+            self._names = SecretSet((), [*config_secrets.redact_names, *PAYMENT_HEADERS]).names
+            self._values = frozenset(v for v in config_secrets.values if v and not is_marker(v))
+            self._generation = generation
+
+    def _deliver(self, message: Message, force: bool = False) -> bool:
+        """Hand ``message`` to the writer (preceded by the secrets when they changed); False
+        when dropped because the writer is too far behind."""
+        parts = _frame(message)
+        for _ in range(2):  # a writer found dead is replaced once, and gets the message again
+            child = self._writer()
+            if child is None:
+                assert self._local is not None
+                # A copy, as the child would get: states may share connection parts with _conns.
+                self._local.handle(pickle.loads(parts[1]))
+                return True
+            if self._child_generation != self._generation:
+                secrets = ("secrets", tuple(self._values), tuple(self._names))
+                if child.send(_frame(secrets), force=True) != "sent":
+                    continue
+                self._child_generation = self._generation
+            status = child.send(parts, force)
+            if status != "dead":
+                return status == "sent"
+        return False
+
+    def _writer(self) -> _Child | None:
+        """The live writer process, started when needed; None when writing in-process."""
+        if self._local is not None:
+            if self._generation != self._child_generation:
+                self._local.handle(("secrets", tuple(self._values), tuple(self._names)))
+                self._child_generation = self._generation
+            return None
+        child = self._child
+        if child is not None and not child.alive:
+            child.discard()
+            quick = time.monotonic() - child.started < QUICK_DEATH
+            self._quick_deaths = self._quick_deaths + 1 if quick else 0
+            child = self._child = None
+        if child is None:
+            try:
+                if self._quick_deaths >= 3:
+                    raise RuntimeError("the recording writer keeps dying")
+                child = self._child = _Child(self._relayed)
+            except Exception as e:
+                logger.error("llmitm recorder: cannot run the recording writer (%s); writing "
+                             "in-process, on the event loop", type(e).__name__)
+                self._local = _Writer()
+                self._child_generation = -1
+                return self._writer()
+            self._child_generation = -1
+        return child
+
+    def _relayed(self, message: Message) -> None:
+        if message[0] == "log":
+            logger.log(int(message[1]), "%s", message[2])
+
+    def _caught_up(self) -> None:
+        if self._dropped:
+            logger.warning("llmitm recorder: %d flow(s) were not recorded: the recording writer "
+                           "was behind", self._dropped)
+            self._dropped = 0
 
 
 addons = [Recorder()]
+
+if __name__ == "__main__":
+    sys.exit(_writer_main(sys.argv[1:]))

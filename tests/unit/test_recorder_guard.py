@@ -1,9 +1,18 @@
 """Recorder and guard addons with mitmproxy's own test helpers: redaction on a copy, streamed
-bodies and the upstream original, crash-safe appends, the guard's findings."""
+bodies and the upstream original, crash-safe appends, the recording writer process (never
+blocking the event loop, surviving mitmdump), the guard's findings."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +21,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
+import recorder as recorder_module
 from configuration import Configuration
 from guard import Guard
 from llmitm import flowmeta
@@ -28,6 +38,7 @@ from llmitm.recording import (
 from llmitm.redact import SecretSet, redacted
 from llmitm.streaming import StreamPipeline
 from recorder import Recorder, serialize
+from tests.harness.procs import REPO
 
 KEY = "sk-proj-unit-Q1w2E3r4T5y6U7i8"
 TOKEN = "unit-token-0a1b2c3d"
@@ -70,7 +81,10 @@ def openai_flow(body: bytes = b"{}", session: str = "team-a") -> http.HTTPFlow:
     return flow
 
 
-def read(rec: Path) -> list[http.HTTPFlow]:
+def read(rec: Path, recorder: Recorder | None = None) -> list[http.HTTPFlow]:
+    """The flows recorded in ``rec`` (once ``recorder``'s writer has written all it was handed)."""
+    if recorder is not None:
+        assert recorder.flush()
     out = []
     for path in sorted(rec.glob("*.mitm")):
         with open(path, "rb") as fh:
@@ -78,9 +92,37 @@ def read(rec: Path) -> list[http.HTTPFlow]:
     return out
 
 
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (reaped, or a zombie nobody reaps)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    """A Recorder whose writer process is stopped (and checked gone) after the test."""
+    rec = Recorder()
+    yield rec
+    pid = rec.writer_pid
+    rec.done()
+    assert pid is None or wait_gone(pid)
+
+
 # -- recorder ----------------------------------------------------------------------------------
-def test_redacts_a_copy_never_the_live_flow(tmp_path: Path) -> None:
-    cfg, recorder = Configuration(), Recorder()
+def test_redacts_a_copy_never_the_live_flow(tmp_path: Path, recorder: Recorder) -> None:
+    cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
         rec = configured(tctx, cfg, tmp_path)
         flow = openai_flow(json.dumps({"k": KEY, "p": "priv-value-123"}).encode())
@@ -96,7 +138,7 @@ def test_redacts_a_copy_never_the_live_flow(tmp_path: Path) -> None:
         before = flow.get_state()
         recorder.response(flow)
         assert flow.get_state() == before  # the live flow is untouched
-        (got,) = read(rec)
+        (got,) = read(rec, recorder)
     data = next(rec.glob("*.mitm")).read_bytes()
     for secret in (KEY, TOKEN, "priv-value-123", "cookie-secret-987", "eyJwYXlsb2FkIjoic2lnbmVkIn0="):
         assert secret.encode() not in data
@@ -115,8 +157,8 @@ def test_redacts_a_copy_never_the_live_flow(tmp_path: Path) -> None:
     assert got.comment == f"note {redacted(KEY)}"
 
 
-def test_recording_file_per_session_and_day(tmp_path: Path) -> None:
-    cfg, recorder = Configuration(), Recorder()
+def test_recording_file_per_session_and_day(tmp_path: Path, recorder: Recorder) -> None:
+    cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
         rec = configured(tctx, cfg, tmp_path)
         for session in ("team-a", "team-b", "../evil"):
@@ -124,6 +166,7 @@ def test_recording_file_per_session_and_day(tmp_path: Path) -> None:
             flow.timestamp_created = 1_700_000_000.0  # 2023-11-14 UTC
             recorder.response(flow)
             recorder.error(flow)  # a flow is written once
+    assert recorder.flush()
     names = sorted(p.name for p in rec.iterdir())
     assert names == ["_evil-2023-11-14.mitm", "team-a-2023-11-14.mitm", "team-b-2023-11-14.mitm"]
     assert len(read(rec)) == 3
@@ -144,8 +187,8 @@ class _Uppercase:
         return []
 
 
-def test_streamed_body_timing_and_upstream_original(tmp_path: Path) -> None:
-    cfg, recorder = Configuration(), Recorder()
+def test_streamed_body_timing_and_upstream_original(tmp_path: Path, recorder: Recorder) -> None:
+    cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
         rec = configured(tctx, cfg, tmp_path)
         flow = openai_flow()
@@ -158,7 +201,7 @@ def test_streamed_body_timing_and_upstream_original(tmp_path: Path) -> None:
         sent = [piece for frame in frames for piece in pipeline(frame)] + pipeline(b"")
         flow.response.raw_content = None  # what mitmproxy leaves on a streamed response
         recorder.response(flow)
-        (got,) = read(rec)
+        (got,) = read(rec, recorder)
     client = b"".join(sent)
     assert client == b"".join(frames).upper()
     assert got.response.raw_content == client  # the upper-cased key is no configured secret
@@ -169,31 +212,181 @@ def test_streamed_body_timing_and_upstream_original(tmp_path: Path) -> None:
     assert sum(n for _, n in got.metadata[UPSTREAM_ORIGINAL_TIMING]) == len(original)
 
 
-def test_max_body_cuts_and_says_so(tmp_path: Path) -> None:
-    cfg, recorder = Configuration(), Recorder()
+def test_max_body_cuts_and_says_so(tmp_path: Path, recorder: Recorder) -> None:
+    cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
         rec = configured(tctx, cfg, tmp_path, max_body=10)
         flow = openai_flow(b"x" * 50)
         recorder.response(flow)
-        (got,) = read(rec)
+        (got,) = read(rec, recorder)
     assert got.request.raw_content == b"x" * 10
     assert got.metadata[TRUNCATED]["request"] == 50
 
 
-def test_partial_tail_is_cut_before_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_partial_tail_is_cut_before_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              recorder: Recorder) -> None:
     path = tmp_path / "rec" / "team-a-2023-11-14.mitm"
     path.parent.mkdir()
     whole = serialize(openai_flow())
     path.write_bytes(whole + whole[: len(whole) // 2])  # killed in the middle of a write
     assert valid_prefix(path) == len(whole)
-    cfg, recorder = Configuration(), Recorder()
+    cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
         configured(tctx, cfg, tmp_path)
         flow = openai_flow()
         flow.timestamp_created = 1_700_000_000.0
         recorder.response(flow)
-    assert "partial flow" in caplog.text
+        assert recorder.flush()
+    assert "partial flow" in caplog.text  # logged by the writer, relayed to mitmdump's log
     assert len(read(path.parent)) == 2
+
+
+# -- the recording writer process ---------------------------------------------------------------
+async def test_record_never_waits_for_the_writer(tmp_path: Path, recorder: Recorder,
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the event loop running (as in mitmdump), a stopped writer never blocks record(): what
+    the pipe cannot take waits in the addon, up to MAX_BACKLOG, and beyond it flows are dropped,
+    counted and logged once. Nothing is written until the writer runs again."""
+    monkeypatch.setattr(recorder_module, "MAX_BACKLOG", 2_000_000)
+    cfg = Configuration()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        recorder.response(openai_flow())
+        assert recorder.flush()
+        pid = recorder.writer_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(30):  # 6 MB: more than the pipe (1 MB at most) and the backlog hold
+                recorder.response(openai_flow(b"x" * 200_000))
+            assert len(read(rec)) == 1  # handed over, not written: the writer is stopped
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert recorder.flush()  # the writer catches up...
+        recorder.response(openai_flow())  # ...and the next flow sums the drops up, once
+        got = len(read(rec, recorder))
+    assert caplog.text.count("flows are not recorded until it catches up") == 1
+    assert caplog.text.count("flow(s) were not recorded") == 1
+    dropped = int(caplog.text.split(" flow(s) were not recorded")[0].rsplit(" ", 1)[1])
+    assert 0 < dropped < 30 and got == 1 + 30 - dropped + 1
+
+
+def test_writer_is_replaced_when_it_dies(tmp_path: Path, recorder: Recorder,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    cfg = Configuration()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        recorder.response(openai_flow())
+        assert recorder.flush()
+        first = recorder.writer_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_gone(first)
+        for _ in range(2):
+            recorder.response(openai_flow())
+        assert len(read(rec, recorder)) == 3
+        assert recorder.writer_pid not in (None, first)
+    assert caplog.text.count("recording writer (pid") == 1
+
+
+CRASH = """
+import json, os, signal, sys
+from mitmproxy.test import taddons, tflow
+from configuration import Configuration
+from llmitm import flowmeta
+from recorder import Recorder
+
+cfg, recorder = Configuration(), Recorder()
+with taddons.context(cfg, recorder) as tctx:
+    tctx.configure(cfg, llmitm_config=sys.argv[1])
+    flows = [tflow.tflow(resp=True) for _ in range(4)]
+    for n, flow in enumerate(flows):
+        flow.metadata[flowmeta.SESSION] = "team-a"
+        flow.request.content = json.dumps({"n": n}).encode()
+    recorder.response(flows[0])
+    assert recorder.flush()
+    os.kill(recorder.writer_pid, signal.SIGSTOP)  # the next flows stay in the pipe
+    for flow in flows[1:]:
+        recorder.response(flow)
+    print("writer-pid", recorder.writer_pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # mitmdump killed: no done(), no flush
+"""
+
+
+def test_flows_handed_over_survive_mitmdump_killed(tmp_path: Path) -> None:
+    """kill -9 of mitmdump (not of its process group): the writer writes what is in the pipe,
+    then sees its end and exits."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(CONFIG.format(dir=tmp_path / "rec", max_body=1000, action="mark"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "addons"), str(REPO)])}
+    out = tmp_path / "out.txt"
+    with open(out, "w") as fh:  # a file, not a pipe: the writer keeps it open after the crash
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASH), str(path)], env=env,
+                              stdout=fh, stderr=subprocess.STDOUT, timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, out.read_text()
+    pid = int(out.read_text().split("writer-pid ", 1)[1].split()[0])
+    try:
+        os.kill(pid, signal.SIGCONT)
+        assert wait_gone(pid), "the writer did not exit at the end of its pipe"
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    got = read(tmp_path / "rec")
+    assert [json.loads(f.request.content or b"")["n"] for f in got] == [0, 1, 2, 3]
+
+
+def test_writer_exits_when_its_pipe_closes(tmp_path: Path, recorder: Recorder) -> None:
+    """done() closes the pipe; the writer writes what it has and exits (the fixture checks it
+    is gone); a flow after that starts a new writer."""
+    cfg = Configuration()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        recorder.response(openai_flow())
+        pid = recorder.writer_pid
+        assert pid is not None
+        recorder.done()  # no flush first
+        assert gone(pid) and recorder.writer_pid is None
+        assert len(read(rec)) == 1
+        recorder.response(openai_flow())
+        assert recorder.writer_pid not in (None, pid)
+        assert len(read(rec, recorder)) == 2
+
+
+def test_writer_bytes_are_flowwriter_bytes() -> None:
+    """The writer's shortcuts (connections kept as states, their tnetstring cached) write what
+    FlowWriter writes for the same flow; a connection that changed is taken again."""
+    flow = openai_flow()
+    conns = recorder_module._ConnStates()
+    dumper = recorder_module._Dumper()
+    nothing = SecretSet(always_redacted=False)  # redaction changes nothing: same bytes expected
+    for _ in range(2):  # the second time from the caches
+        state = recorder_module._state_of(flow, conns)
+        reference = serialize(http.HTTPFlow.from_state(copy.deepcopy(state)))
+        written = recorder_module.redacted_copy(state, nothing, 100_000)
+        assert dumper.dumps(written.get_state()) == serialize(written) == reference
+    flow.server_conn.timestamp_end = 1_700_000_123.0
+    flow.server_conn.alpn_offers = [b"h2"]
+    state = recorder_module._state_of(flow, conns)
+    assert state["server_conn"]["timestamp_end"] == 1_700_000_123.0
+    assert state["server_conn"]["alpn_offers"] == flow.server_conn.get_state()["alpn_offers"]
+    got = recorder_module.redacted_copy(copy.deepcopy(state), nothing, 100_000)
+    assert dumper.dumps(got.get_state()) == serialize(http.HTTPFlow.from_state(state))
+
+
+def test_in_process_when_no_writer_can_run(tmp_path: Path, recorder: Recorder,
+                                            caplog: pytest.LogCaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    cfg = Configuration()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        for _ in range(2):
+            recorder.response(openai_flow(json.dumps({"k": KEY}).encode()))
+        assert recorder.writer_pid is None
+        got = read(rec, recorder)
+    assert [json.loads(f.request.content or b"") for f in got] == [{"k": redacted(KEY)}] * 2
+    assert caplog.text.count("cannot run the recording writer (FileNotFoundError)") == 1
 
 
 def test_capture_and_timing_helpers() -> None:
