@@ -28,7 +28,7 @@ none can run, the addon writes in-process as before.
 
 Streamed bodies are kept as the client received them (a tap on the StreamPipeline), with their
 timing in ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes (seen
-by a pass-through stage put first in the pipeline) are kept in ``llmitm.upstream_original_body``
+by an input tap, before any stage) are kept in ``llmitm.upstream_original_body``
 (see llmitm/recording.py). Bodies are bounded by ``record.max_body``.
 
 Redaction works on a copy of the flow, never the live one: header names that are always secret
@@ -100,22 +100,6 @@ _FRAME = struct.Struct("!Q")  # every message on both pipes: length, then a pick
 # max_body), ("close",) when record.dir changed, ("sync", n). Back: ("log", level, text),
 # ("synced", n).
 Message = tuple[Any, ...]
-
-
-class _Observe:
-    """A pass-through stage, first in the pipeline: sees the upstream's bytes before any repair."""
-
-    __slots__ = ("capture",)
-
-    def __init__(self, capture: StreamCapture) -> None:
-        self.capture = capture
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        self.capture.add(chunk)
-        return [chunk]
-
-    def finish(self) -> list[bytes]:
-        return []
 
 
 class Captured(NamedTuple):
@@ -908,7 +892,7 @@ class Recorder:
         if isinstance(stream, StreamPipeline):
             if config.upstream_original:
                 capture.upstream = StreamCapture(config.max_body, start)
-                stream.stages.insert(0, _Observe(capture.upstream))
+                stream.add_input_tap(capture.upstream.add)
                 capture.stages = stream.stages
             stream.add_tap(client.add)
         elif callable(stream):

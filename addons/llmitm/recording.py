@@ -119,38 +119,53 @@ SLACK = 64 * 1024
 class StreamCapture:
     """The bytes of one streamed body with their timing, bounded.
 
-    ``add`` per chunk; ``ends`` holds ``(seconds since start, end offset)`` per chunk (chunks
-    closer than a millisecond are merged), for the first ``limit + SLACK`` bytes.
+    ``add`` per chunk (on the hot path: it only keeps a reference to the chunk and the time);
+    ``body`` and ``ends`` are put together when asked for. ``ends`` holds ``(seconds since start,
+    end offset)`` per chunk (chunks closer than a millisecond to the first of a run are merged),
+    for the first ``limit + SLACK`` bytes.
     """
 
-    __slots__ = ("_clock", "data", "ends", "limit", "start", "total")
+    __slots__ = ("_chunks", "_clock", "_kept", "_times", "limit", "start", "total")
 
     def __init__(self, limit: int, start: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.limit = limit
         self._clock = clock
         self.start = clock() if start is None else start
-        self.data = bytearray()
-        self.ends: list[tuple[float, int]] = []
+        self._chunks: list[bytes] = []
+        self._times: list[float] = []
+        self._kept = 0
         self.total = 0
 
     def add(self, chunk: bytes) -> None:
-        if not chunk:
+        size = len(chunk)
+        self.total += size
+        room = self.limit + SLACK - self._kept
+        if room <= 0 or not size:
             return
-        self.total += len(chunk)
-        room = self.limit + SLACK - len(self.data)
-        if room <= 0:
-            return
-        self.data += chunk[:room]
-        t = max(0.0, self._clock() - self.start)
-        if self.ends and t - self.ends[-1][0] < 0.001:
-            self.ends[-1] = (self.ends[-1][0], len(self.data))
-        else:
-            self.ends.append((t, len(self.data)))
+        if size > room:
+            chunk, size = chunk[:room], room
+        self._chunks.append(chunk)
+        self._times.append(self._clock())
+        self._kept += size
 
     @property
     def body(self) -> bytes:
-        return bytes(self.data)
+        return b"".join(self._chunks)
+
+    @property
+    def ends(self) -> list[tuple[float, int]]:
+        out: list[tuple[float, int]] = []
+        end = 0
+        start = self.start
+        for chunk, at in zip(self._chunks, self._times, strict=True):
+            end += len(chunk)
+            t = max(0.0, at - start)
+            if out and t - out[-1][0] < 0.001:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((t, end))
+        return out
 
     @property
     def offsets(self) -> list[int]:

@@ -3,7 +3,7 @@
 mitmproxy accepts one ``flow.response.stream`` callable per flow. Repair, recording and payments
 all need to see the streamed bytes, so the streaming addon installs one ``StreamPipeline`` and
 the others add stages (which may rewrite bytes) and taps (which only observe what the client
-receives, in order).
+receives, in order; input taps see what the upstream sent).
 
 Contract with mitmproxy (see research/mitmproxy.md): the callable is called per upstream chunk
 and once with ``b""`` at the end; it must never return ``b""`` mid-stream (that writes the HTTP/1
@@ -34,11 +34,12 @@ StreamEndTap = Callable[[], None]
 class StreamPipeline:
     """Runs stages in order, then hands every outgoing piece to the taps."""
 
-    __slots__ = ("end_taps", "finished", "stages", "taps")
+    __slots__ = ("end_taps", "finished", "input_taps", "stages", "taps")
 
     def __init__(self) -> None:
         self.stages: list[StreamStage] = []
         self.taps: list[StreamTap] = []
+        self.input_taps: list[StreamTap] = []
         self.end_taps: list[StreamEndTap] = []
         self.finished = False
 
@@ -50,8 +51,18 @@ class StreamPipeline:
         if on_end is not None:
             self.end_taps.append(on_end)
 
+    def add_input_tap(self, tap: StreamTap) -> None:
+        """``tap`` sees every upstream chunk before the stages do (what the upstream sent)."""
+        self.input_taps.append(tap)
+
     def __call__(self, data: bytes) -> list[bytes]:
         if data:
+            for tap in self.input_taps:
+                try:
+                    tap(data)
+                except Exception:
+                    self._tap_failed(tap)
+                    break  # the list changed under the loop; the others see the next chunk
             pieces = self._chunk(data)
         else:
             pieces = self._finish()
@@ -90,6 +101,8 @@ class StreamPipeline:
         log.exception("stream tap failed; it is detached, the stream goes on")
         if tap in self.taps:
             self.taps.remove(tap)
+        if tap in self.input_taps:
+            self.input_taps.remove(tap)
         if tap in self.end_taps:
             self.end_taps.remove(tap)
 

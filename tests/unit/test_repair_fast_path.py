@@ -283,6 +283,14 @@ def test_fragments_repaired_alike_take_the_fast_path_too() -> None:
     assert out.count(b'{"function":{"arguments":"part 7 of call 1, "},"index":1}') == 1
 
 
+def test_a_fragment_is_judged_plain_before_its_repairs() -> None:
+    """A name repeated on a fragment of a split-off call: removing it leaves the fragment looking
+    plain, but frames of its shape need that repair again (found by hypothesis)."""
+    calls = [[('{"b":2}', "none"), ('{"a":', "none"), ("", "name_again"), ("", "name_again")]]
+    body = chat_stream(calls)
+    assert_same("chat_completions", body, None, frame_ends(body))
+
+
 def test_openai_obfuscation_padding_does_not_defeat_the_fast_path() -> None:
     calls = [[(f"part {i}", "obfuscation") for i in range(40)]]
     body = chat_stream(calls)

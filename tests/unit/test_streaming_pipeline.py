@@ -79,3 +79,30 @@ def test_a_failing_stage_or_tap_never_cuts_the_stream() -> None:
     out = p(b"ab") + p(b"cd") + p(b"ef") + p(b"")
     assert b"".join(out) == b"ABCDEF!"
     assert len(p.stages) == 1 and p.taps == []
+
+
+def test_input_taps_see_the_upstream_bytes_before_any_stage() -> None:
+    p = StreamPipeline()
+    p.add_stage(HoldUntilNewline())
+    p.add_stage(Upper())
+    received: list[bytes] = []
+    p.add_input_tap(received.append)
+
+    def bad_input_tap(chunk: bytes) -> None:
+        raise ValueError("tap bug")
+
+    p.add_input_tap(bad_input_tap)
+    out = p(b"ab") + p(b"c\nd") + p(b"e") + p(b"")
+    assert received == [b"ab", b"c\nd", b"e"]  # as sent, never b"" (the end is no chunk)
+    assert out == [b"ABC\n", b"DE", b"!"]
+    assert p.input_taps == [received.append]  # the failing one is detached, the stream goes on
+
+
+def test_a_stage_failing_mid_pipeline_hands_its_input_to_the_stages_after_it() -> None:
+    p = StreamPipeline()
+    p.add_stage(Upper())
+    p.add_stage(Exploding())
+    p.add_stage(HoldUntilNewline())
+    out = p(b"a\n") + p(b"b\nc") + p(b"")
+    assert b"".join(out) == b"A\nB\nC!"
+    assert len(p.stages) == 2

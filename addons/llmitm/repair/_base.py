@@ -167,16 +167,14 @@ class StreamRepairer:
         while pos < size:
             found = -1
             for index, matcher in enumerate(matchers):
-                match = matcher.regex.match(chunk, pos)
+                match = matcher.match(chunk, pos)
                 if match is not None:
                     found = index
                     break
             if found < 0 or match is None:
                 break
+            end, values = match
             entry = matcher.entry
-            values = matcher.values(match)
-            if values is None:
-                break
             written = None
             if entry.rewrite is not None:
                 written = entry.rewrite.fill(values)
@@ -192,8 +190,8 @@ class StreamRepairer:
                 if pos > copied:
                     out.append(chunk[copied:pos])
                 out.append(written)
-                copied = match.end()
-            pos = match.end()
+                copied = end
+            pos = end
         if pos > copied:
             out.append(chunk[copied:pos] if copied or pos < size else chunk)
         return pos

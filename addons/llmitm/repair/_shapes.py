@@ -35,6 +35,8 @@ HoleValues = dict[bytes, HoleValue]
 # An integer hole: at most 18 digits (Python refuses to parse huge ones; json.loads would too).
 _INT_VALUE = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})(?=[\s,}\]])")
 _INT_GROUP = rb"(-?(?:0|[1-9][0-9]{0,17}))"
+# What makes a string hole's text need more than decoding: escapes, quotes, control characters.
+_NOT_PLAIN = re.compile(rb'[\x00-\x1f"\\]')
 # A string hole: JSON string text without CR, LF or an unescaped quote.
 _STRING_GROUP = rb'([^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*)'
 
@@ -202,18 +204,68 @@ class ShapeEntry:
 
 
 class Matcher:
-    """A regular expression that matches one whole frame of a shape at a chunk position."""
+    """Recognises one whole frame of a shape at a chunk position.
 
-    __slots__ = ("entry", "names", "regex")
+    The usual hole (text without escapes, quotes or control characters) is found by comparing the
+    shape's bytes around it (``startswith``/``find``: C calls); a frame whose holes hold escapes
+    is matched by a regular expression built from the shape (compiled when first needed)."""
+
+    __slots__ = ("_regex", "entry", "names", "segments")
 
     def __init__(self, entry: ShapeEntry) -> None:
         self.entry = entry
         self.names = entry.names  # in frame order (shape_of sorts the holes by position)
-        parts = [re.escape(entry.segments[0])]
-        for (_, is_string), segment in zip(self.names, entry.segments[1:], strict=True):
-            parts.append(_STRING_GROUP if is_string else _INT_GROUP)
-            parts.append(re.escape(segment))
-        self.regex = re.compile(b"".join(parts), re.DOTALL)
+        self.segments = entry.segments
+        self._regex: re.Pattern[bytes] | None = None
+
+    @property
+    def regex(self) -> re.Pattern[bytes]:
+        if self._regex is None:
+            parts = [re.escape(self.segments[0])]
+            for (_, is_string), segment in zip(self.names, self.segments[1:], strict=True):
+                parts.append(_STRING_GROUP if is_string else _INT_GROUP)
+                parts.append(re.escape(segment))
+            self._regex = re.compile(b"".join(parts), re.DOTALL)
+        return self._regex
+
+    def match(self, chunk: bytes, pos: int) -> tuple[int, HoleValues] | None:
+        """(end of the frame, its hole values) for a frame of this shape at ``pos``; None when
+        there is none there, or its holes are not valid JSON text."""
+        segments = self.segments
+        if not chunk.startswith(segments[0], pos):
+            return None
+        at = pos + len(segments[0])
+        values: HoleValues = {}
+        index = 1
+        for name, is_string in self.names:
+            segment = segments[index]
+            index += 1
+            if is_string:
+                end = chunk.find(b'"', at)
+                if end < 0 or not chunk.startswith(segment, end):
+                    return self._by_regex(chunk, pos)
+                raw = chunk[at:end]
+                if _NOT_PLAIN.search(raw) is not None:
+                    return self._by_regex(chunk, pos)
+                try:
+                    values[name] = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+            else:
+                number = _INT_VALUE.match(chunk, at)
+                if number is None or not chunk.startswith(segment, number.end()):
+                    return None
+                end = number.end()
+                values[name] = int(chunk[at:end])
+            at = end + len(segment)
+        return at, values
+
+    def _by_regex(self, chunk: bytes, pos: int) -> tuple[int, HoleValues] | None:
+        match = self.regex.match(chunk, pos)
+        if match is None:
+            return None
+        values = self.values(match)
+        return None if values is None else (match.end(), values)
 
     def values(self, match: re.Match[bytes]) -> HoleValues | None:
         raw = match.string

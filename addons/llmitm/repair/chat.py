@@ -200,13 +200,11 @@ class ChatRepairer(StreamRepairer):
             (choice.by_upstream.get(state.up) if state.up is not None else choice.calls[-1])
             is not call
             or call.progress.complete
-            or not call.args.strip()
             or (state.chunk_id is not None and self._template.get("id") != state.chunk_id)
         ):
             return False
-        args = values[_ARGUMENTS]
-        assert isinstance(args, str)  # a string hole
-        call.add_args(args)
+        # (no test for blank arguments: they were not at admission, and they only grow)
+        call.add_args(values[_ARGUMENTS])  # type: ignore[arg-type]  # a string hole
         return True
 
     def _route(
@@ -267,6 +265,8 @@ class ChatRepairer(StreamRepairer):
         name = fn.get("name") if fn is not None else None
         has_args = fn is not None and "arguments" in fn
         args, args_fix = arguments_text(fn["arguments"]) if fn is not None and has_args else ("", None)
+        # only the fragment's arguments (and index, type): judged before any repair touches it
+        plain = has_args and len(fn) == 1 and set(tc) <= {"index", "function", "type"}  # type: ignore[arg-type]
 
         changed = False
         call, why = self._route(state, up, fid, name, args if has_args else None)
@@ -307,9 +307,8 @@ class ChatRepairer(StreamRepairer):
             changed = True
         if has_args:
             if (
-                not new and why is None and args_fix is None and changed == (up != call.index)
-                and set(tc) <= {"index", "function", "type"} and len(fn) == 1
-                and call.args.strip() and not call.progress.complete
+                plain and not new and why is None and args_fix is None
+                and changed == (up != call.index) and call.args.strip() and not call.progress.complete
                 and (state.by_upstream.get(up) if up is not None else state.calls[-1]) is call
             ):
                 # a plain argument fragment (maybe with a client index to set): frames of its
