@@ -24,7 +24,9 @@ counted and logged), and is written when the pipe has room. ``Recorder.flush()``
 everything handed over is written; ``done`` closes the pipe and waits for the writer to finish.
 The writer's log lines come back over a second pipe and are logged by the addon (never flow
 content: paths, counts, exception names). A writer that dies is replaced with the next flow; if
-none can run, the addon writes in-process as before.
+none can run, the addon writes in-process as before. The pipes and the child process are
+llmitm/childproc.py; the files (appends, partial tails) are ``RecordingFiles`` in
+llmitm/recording.py.
 
 Streamed bodies are kept as the client received them (a tap on the StreamPipeline), with their
 timing in ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes (seen
@@ -42,27 +44,19 @@ response bodies, WebSocket messages, error text, comments and metadata.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import fcntl
 import io as pyio
 import logging
-import os
 import pickle
-import select
 import signal
-import struct
-import subprocess
 import sys
 import time
 import weakref
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
-from itertools import islice
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from mitmproxy import connection, http, io
 from mitmproxy.io import tnetstring
@@ -71,14 +65,15 @@ from mitmproxy.net import encoding
 from glue import current_config
 from guard import current_secrets, session_of
 from llmitm import flowmeta
+from llmitm.childproc import WAIT_TIMEOUT, Child, LogRelay, Message, Replies, frame, read_frames
 from llmitm.recording import (
     TRUNCATED,
     UPSTREAM_ORIGINAL_BODY,
     UPSTREAM_ORIGINAL_TIMING,
+    RecordingFiles,
     StreamCapture,
     recording_path,
     timing_of,
-    valid_prefix,
 )
 from llmitm.redact import SecretSet, is_marker, redacted
 from llmitm.streaming import StreamPipeline
@@ -86,20 +81,15 @@ from llmitm.x402 import PAYMENT_HEADERS
 
 logger = logging.getLogger(__name__)
 
-MAX_OPEN_FILES = 32
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes waiting in mitmdump for the writer; beyond: drop flows
-PIPE_SIZE = 1024 * 1024  # asked of the kernel: a burst waits there, out of mitmdump's memory
 BATCH_PAUSE = 0.1  # the writer's pause after a read: flows are written in batches (see _frames)
-WAIT_TIMEOUT = 10.0  # how long done() (and a write without an event loop) waits for the writer
 QUICK_DEATH = 10.0  # a writer that dies this soon after its start, three times: write in-process
 _COOKIE_HEADERS = frozenset({"cookie", "set-cookie"})
-_FRAME = struct.Struct("!Q")  # every message on both pipes: length, then a pickle
 
 # Messages are tuples of plain data (no class of ours: the writer runs this file as __main__).
 # To the writer: ("secrets", values, names), ("flow", path, state, injected, values, captured,
 # max_body), ("close",) when record.dir changed, ("sync", n). Back: ("log", level, text),
 # ("synced", n).
-Message = tuple[Any, ...]
 
 
 class Captured(NamedTuple):
@@ -432,55 +422,11 @@ class _Dumper:
         return data
 
 
-class _Files:
-    """Recording files open for appending: O_APPEND, one write per flow, at most
-    ``MAX_OPEN_FILES`` open, a partial tail (a crash mid-write) cut before the first append."""
-
-    def __init__(self) -> None:
-        self._fds: OrderedDict[Path, int] = OrderedDict()
-
-    def append(self, path: Path, data: bytes) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._open(path)
-        else:
-            self._fds.move_to_end(path)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-
-    def _open(self, path: Path) -> int:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size:
-            good = valid_prefix(path)
-            size = path.stat().st_size
-            if good < size:
-                os.truncate(path, good)
-                logger.warning(
-                    "llmitm recorder: %s ended in a partial flow (killed mid-write?); cut %d bytes",
-                    path, size - good,
-                )
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._fds[path] = fd
-        logger.info("llmitm recorder: recording to %s", path)
-        while len(self._fds) > MAX_OPEN_FILES:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        return fd
-
-    def close_all(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 class _Writer:
     """What the recording writer does with each message (in the child; in-process as a fallback)."""
 
     def __init__(self, synced: Callable[[int], None] = lambda _n: None) -> None:
-        self._files = _Files()
+        self._files = RecordingFiles()
         self._dumper = _Dumper()
         self._secrets = SecretSet(header_names=PAYMENT_HEADERS)
         self._with_values: OrderedDict[frozenset[str], SecretSet] = OrderedDict()
@@ -530,74 +476,6 @@ class _Writer:
                 logger.error("llmitm recorder: cannot record to %s: %s", path, type(e).__name__)
 
 
-def _frame(message: Message) -> list[bytes]:
-    """``message`` as it goes down a pipe: its length, then its pickle (two parts, written with
-    one writev: no copy of a large pickle)."""
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return [_FRAME.pack(len(body)), body]
-
-
-def _frames(fd: int, pause: float) -> Iterator[bytes]:
-    """The pickles of the messages read from ``fd`` up to its end (a message cut short there:
-    the sender died in the middle of it, is dropped). After each read that did not fill much of
-    the pipe, waits ``pause`` so that messages arrive in batches: one wake-up per batch rather
-    than per flow, which costs the machine less (a wake-up follows each flow mitmdump hands
-    over) and leaves the CPUs to mitmdump and its peers between batches. What waits stays in
-    the pipe, in the kernel: it outlives mitmdump."""
-    try:
-        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-    except (OSError, AttributeError):  # not Linux: the usual size
-        capacity = 64 * 1024
-    buf = bytearray()
-    while chunk := os.read(fd, capacity):
-        buf += chunk
-        pos = 0
-        while len(buf) - pos >= _FRAME.size:
-            (size,) = _FRAME.unpack_from(buf, pos)
-            end = pos + _FRAME.size + size
-            if len(buf) < end:
-                break
-            yield bytes(buf[pos + _FRAME.size:end])
-            pos = end
-        del buf[:pos]
-        if len(chunk) < capacity // 4:  # more than that: the writer is behind, no pause
-            time.sleep(pause)
-
-
-class _Replies:
-    """The writer's pipe back to mitmdump: sync answers and log lines."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.open = True
-
-    def send(self, message: Message) -> bool:
-        if not self.open:
-            return False
-        view = memoryview(b"".join(_frame(message)))  # small: log lines and sync answers
-        try:
-            while view:
-                view = view[os.write(self.fd, view):]
-        except OSError:  # mitmdump is gone: nobody to answer any more
-            self.open = False
-        return self.open
-
-
-class _Relay(logging.Handler):
-    """The writer's log records, sent to mitmdump to be logged there (stderr once it is gone)."""
-
-    def __init__(self, replies: _Replies) -> None:
-        super().__init__()
-        self.replies = replies
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if not self.replies.send(("log", record.levelno, text)):
-            with contextlib.suppress(OSError):
-                sys.stderr.write(text + "\n")
-                sys.stderr.flush()
-
-
 def _writer_main(argv: list[str]) -> int:
     """The recording writer: messages from stdin until its end, then exit."""
     if len(argv) != 2 or argv[0] != "--writer" or not argv[1].isdigit():
@@ -607,9 +485,9 @@ def _writer_main(argv: list[str]) -> int:
     # pipe, and the writer finishes what it was handed first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    replies = _Replies(int(argv[1]))
+    replies = Replies(int(argv[1]))
     root = logging.getLogger()
-    root.handlers[:] = [_Relay(replies)]
+    root.handlers[:] = [LogRelay(replies)]
     root.setLevel(logging.INFO)
 
     def synced(n: int) -> None:
@@ -617,7 +495,7 @@ def _writer_main(argv: list[str]) -> int:
 
     writer = _Writer(synced)
     bad: set[str] = set()
-    for body in _frames(0, BATCH_PAUSE):
+    for body in read_frames(0, BATCH_PAUSE):
         try:
             message = pickle.loads(body)
         except Exception as e:
@@ -628,222 +506,6 @@ def _writer_main(argv: list[str]) -> int:
         writer.handle(message)
     writer.close()
     return 0
-
-
-# -- mitmdump's side: the pipe to the writer -----------------------------------------------------
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class _Child:
-    """One recording writer process and both pipes to it. With an event loop running, nothing
-    here blocks it: writes the pipe cannot take wait in ``_pending`` for ``add_writer``, answers
-    are read by ``add_reader``. Without one (tests), writes block, bounded by ``WAIT_TIMEOUT``."""
-
-    def __init__(self, on_message: Callable[[Message], None]) -> None:
-        reply_r, reply_w = os.pipe()
-        # Run as a script, this file finds its imports next to it (not with PYTHONSAFEPATH).
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--writer", str(reply_w)],
-                stdin=subprocess.PIPE, bufsize=0, close_fds=True, pass_fds=(reply_w,), env=env,
-            )
-        except BaseException:
-            os.close(reply_r)
-            raise
-        finally:
-            os.close(reply_w)
-        assert self.proc.stdin is not None
-        self.started = time.monotonic()
-        self._out = self.proc.stdin.fileno()
-        self._in = reply_r
-        os.set_blocking(self._out, False)
-        os.set_blocking(self._in, False)
-        with contextlib.suppress(OSError, AttributeError):  # Linux only; the default is 64 KB
-            fcntl.fcntl(self._out, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        self._on_message = on_message
-        self._pending: deque[bytes | memoryview] = deque()
-        self.backlog = 0
-        self._received = bytearray()
-        self._loop: asyncio.AbstractEventLoop | None = None  # where _in (and _out) are watched
-        self._writing = False
-        self.alive = True
-        self._closing = False
-        self.synced = 0
-        if (loop := _running_loop()) is not None:
-            self._watch(loop)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, parts: list[bytes], force: bool = False) -> Literal["sent", "full", "dead"]:
-        """Queue one framed message; "full" (not queued) when ``MAX_BACKLOG`` is reached, unless
-        ``force`` (secrets and syncs must never be dropped)."""
-        if not self.alive:
-            return "dead"
-        size = sum(len(part) for part in parts)
-        if not force and self._pending and self.backlog + size > MAX_BACKLOG:
-            return "full"
-        self._pending.extend(parts)
-        self.backlog += size
-        loop = _running_loop()
-        if loop is None:
-            self._pump(time.monotonic() + WAIT_TIMEOUT, lambda: not self._pending)
-        else:
-            self._watch(loop)
-            self._write_some()
-            if self._pending and self.alive and not self._writing:
-                loop.add_writer(self._out, self._on_writable)
-                self._writing = True
-        return "sent" if self.alive else "dead"
-
-    def wait_synced(self, n: int, timeout: float) -> bool:
-        return self._pump(time.monotonic() + timeout, lambda: self.synced >= n)
-
-    def close(self, timeout: float) -> None:
-        """Hand over what is queued, close the pipe (the writer's signal to finish) and wait
-        for it to exit; one that takes longer than ``timeout`` finishes on its own."""
-        deadline = time.monotonic() + timeout
-        if self.alive:
-            self._pump(deadline, lambda: not self._pending)
-        self._closing = True
-        self._unwatch()
-        lost = len(self._pending)
-        self._pending.clear()
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()  # the end of the pipe: the writer finishes and exits
-        self._pump(deadline, lambda: not self.alive)  # its last log lines, up to its exit
-        self._close_pipes()
-        try:
-            code = self.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.error("llmitm recorder: the recording writer (pid %d) is still writing after "
-                         "%.0fs; it finishes on its own", self.proc.pid, timeout)
-            return
-        if code != 0 or lost:
-            logger.error("llmitm recorder: the recording writer exited with code %s%s", code,
-                         f"; {lost} message(s) not handed over" if lost else "")
-
-    def discard(self) -> None:
-        """Let go of a writer that died (already logged): its pipes, and its exit status."""
-        self._closing = True
-        self._died()
-        self._close_pipes()
-        self.proc.poll()
-
-    def _close_pipes(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        if self._in >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._in)
-            self._in = -1  # never close a number the process may have reused
-
-    # -- the loop's callbacks and the blocking pump ---------------------------------------------
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is loop or not self.alive:
-            return
-        self._unwatch()
-        loop.add_reader(self._in, self._on_readable)
-        self._loop = loop
-
-    def _unwatch(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            with contextlib.suppress(Exception):  # a loop closed under us has nothing to remove
-                loop.remove_reader(self._in)
-                if self._writing:
-                    loop.remove_writer(self._out)
-        self._writing = False
-
-    def _on_writable(self) -> None:
-        self._write_some()
-        if (not self._pending or not self.alive) and self._writing and self._loop is not None:
-            self._loop.remove_writer(self._out)
-            self._writing = False
-
-    def _write_some(self) -> None:
-        pending = self._pending
-        while pending and self.alive:
-            try:
-                written = os.writev(self._out, list(islice(pending, 64)))
-            except BlockingIOError:
-                return
-            except OSError:  # EPIPE: the writer is gone
-                self._died()
-                return
-            self.backlog -= written
-            while written:
-                head = pending[0]
-                if written < len(head):
-                    pending[0] = memoryview(head)[written:]
-                    break
-                written -= len(head)
-                pending.popleft()
-
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self._in, 1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._died()
-            return
-        self._received += data
-        while len(self._received) >= _FRAME.size:
-            (size,) = _FRAME.unpack_from(self._received)
-            if len(self._received) < _FRAME.size + size:
-                break
-            body = bytes(self._received[_FRAME.size:_FRAME.size + size])
-            del self._received[:_FRAME.size + size]
-            message = pickle.loads(body)
-            if message[0] == "synced":
-                self.synced = max(self.synced, message[1])
-            else:
-                self._on_message(message)
-
-    def _pump(self, deadline: float, done: Callable[[], bool]) -> bool:
-        """Write and read, blocking, until ``done()`` or the deadline (reading too, so a writer
-        blocked on its log lines never deadlocks with us)."""
-        while True:
-            self._write_some()
-            if done():
-                break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.alive:
-                break
-            poller = select.poll()  # not select.select: a busy mitmdump has fds past FD_SETSIZE
-            poller.register(self._in, select.POLLIN)
-            if self._pending:
-                poller.register(self._out, select.POLLOUT)
-            if any(fd == self._in for fd, _ in poller.poll(remaining * 1000)):
-                self._on_readable()
-        if not self._pending and self._writing and self._loop is not None:
-            self._loop.remove_writer(self._out)
-            self._writing = False
-        return done()
-
-    def _died(self) -> None:
-        if not self.alive:
-            return
-        self.alive = False
-        self._unwatch()
-        self._pending.clear()
-        self.backlog = 0
-        if not self._closing:
-            code = self.proc.poll()
-            logger.error("llmitm recorder: the recording writer (pid %d) stopped (exit code %s); "
-                         "flows it had not written are lost, a new one starts with the next flow",
-                         self.proc.pid, code)
 
 
 # -- the addon -----------------------------------------------------------------------------------
@@ -860,7 +522,7 @@ class Recorder:
         self._generation = -1
         self._names: frozenset[str] = SecretSet(header_names=PAYMENT_HEADERS).names
         self._values: frozenset[str] = frozenset()
-        self._child: _Child | None = None
+        self._child: Child | None = None
         self._child_generation = -1  # of the secrets the writer has
         self._quick_deaths = 0
         self._local: _Writer | None = None  # in-process writing when no writer process runs
@@ -979,7 +641,7 @@ class Recorder:
         if child is None or not child.alive:
             return child is None
         self._syncs += 1
-        child.send(_frame(("sync", self._syncs)), force=True)
+        child.send(frame(("sync", self._syncs)), force=True)
         return child.wait_synced(self._syncs, timeout)
 
     def _path(self, directory: str, session: str, timestamp: float) -> str:
@@ -1003,7 +665,7 @@ class Recorder:
     def _deliver(self, message: Message, force: bool = False) -> bool:
         """Hand ``message`` to the writer (preceded by the secrets when they changed); False
         when dropped because the writer is too far behind."""
-        parts = _frame(message)
+        parts = frame(message)
         for _ in range(2):  # a writer found dead is replaced once, and gets the message again
             child = self._writer()
             if child is None:
@@ -1013,7 +675,7 @@ class Recorder:
                 return True
             if self._child_generation != self._generation:
                 secrets = ("secrets", tuple(self._values), tuple(self._names))
-                if child.send(_frame(secrets), force=True) != "sent":
+                if child.send(frame(secrets), force=True) != "sent":
                     continue
                 self._child_generation = self._generation
             status = child.send(parts, force)
@@ -1021,7 +683,7 @@ class Recorder:
                 return status == "sent"
         return False
 
-    def _writer(self) -> _Child | None:
+    def _writer(self) -> Child | None:
         """The live writer process, started when needed; None when writing in-process."""
         if self._local is not None:
             if self._generation != self._child_generation:
@@ -1038,7 +700,9 @@ class Recorder:
             try:
                 if self._quick_deaths >= 3:
                     raise RuntimeError("the recording writer keeps dying")
-                child = self._child = _Child(self._relayed)
+                child = self._child = Child(
+                    [sys.executable, str(Path(__file__).resolve()), "--writer"], self._relayed,
+                    "llmitm recorder: the recording writer", MAX_BACKLOG)
             except Exception as e:
                 logger.error("llmitm recorder: cannot run the recording writer (%s); writing "
                              "in-process, on the event loop", type(e).__name__)

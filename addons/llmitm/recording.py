@@ -16,9 +16,12 @@ appended one whole flow at a time. What the recorder leaves on a flow's metadata
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +29,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+logger = logging.getLogger(__name__)
+
+MAX_OPEN_FILES = 32
 UPSTREAM_ORIGINAL_BODY = "llmitm.upstream_original_body"  # bytes: the upstream's stream body
 UPSTREAM_ORIGINAL_TIMING = "llmitm.upstream_original_timing"  # list[[seconds, nbytes]]
 TRUNCATED = "llmitm.truncated"  # dict[str, int]: part -> length before the cut
@@ -190,6 +196,51 @@ def timing_of(ends: list[tuple[float, int]], mapped: list[int], length: int) -> 
         else:
             out.append([0.0, length - prev])
     return out
+
+
+class RecordingFiles:
+    """Recording files open for appending: O_APPEND, one write per flow, at most
+    ``MAX_OPEN_FILES`` open, a partial tail (a crash mid-write) cut before the first append."""
+
+    def __init__(self) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+
+    def append(self, path: Path, data: bytes) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._open(path)
+        else:
+            self._fds.move_to_end(path)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def _open(self, path: Path) -> int:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            good = valid_prefix(path)
+            size = path.stat().st_size
+            if good < size:
+                os.truncate(path, good)
+                logger.warning(
+                    "llmitm recorder: %s ended in a partial flow (killed mid-write?); cut %d bytes",
+                    path, size - good,
+                )
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fds[path] = fd
+        logger.info("llmitm recorder: recording to %s", path)
+        while len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def close_all(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
 
 
 def recording_path(directory: str, session: str, timestamp: float) -> Path:

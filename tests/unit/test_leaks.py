@@ -375,7 +375,8 @@ def test_looks_like_credential(value: str, secret: bool) -> None:
 # (e.g. "Authoriz") would be found in an explanation without any leak, so such draws are skipped.
 _VOCABULARY = ("authorization x-api-key api.openai.com/v1/* telemetry.example.test chatgpt.com "
                "api.anthropic.com session team-a team-b default request header secret from allowed "
-               "other_session out_of_scope_host out_of_scope_path in_url in_body other_header")
+               "other_session out_of_scope_host out_of_scope_path in_url in_body other_header "
+               "[redacted:] in header of a request from kind explanation")
 SECRET = st.text(
     alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_", min_size=8, max_size=48
 ).filter(lambda s: s.lower() not in _VOCABULARY)
