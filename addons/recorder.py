@@ -28,10 +28,11 @@ none can run, the addon writes in-process as before. The pipes and the child pro
 llmitm/childproc.py; the files (appends, partial tails) are ``RecordingFiles`` in
 llmitm/recording.py.
 
-Streamed bodies are kept as the client received them (a tap on the StreamPipeline), with their
-timing in ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes (seen
-by an input tap, before any stage) are kept in ``llmitm.upstream_original_body``
-(see llmitm/recording.py). Bodies are bounded by ``record.max_body``.
+Streamed bodies are kept as the client received them, with their timing in
+``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes are kept in
+``llmitm.upstream_original_body`` (see llmitm/recording.py). Both come from the StreamPipeline's
+``ChunkLog`` (one list append per chunk on the hot path). Bodies are bounded by
+``record.max_body``.
 
 Redaction works on a copy of the flow, never the live one: header names that are always secret
 (Authorization, cookies, API-key headers, payment headers, ``record.redact``) and headers the
@@ -67,16 +68,18 @@ from guard import current_secrets, session_of
 from llmitm import flowmeta
 from llmitm.childproc import WAIT_TIMEOUT, Child, LogRelay, Message, Replies, frame, read_frames
 from llmitm.recording import (
+    SLACK,
     TRUNCATED,
     UPSTREAM_ORIGINAL_BODY,
     UPSTREAM_ORIGINAL_TIMING,
     RecordingFiles,
     StreamCapture,
+    captured_from_log,
     recording_path,
     timing_of,
 )
 from llmitm.redact import SecretSet, is_marker, redacted
-from llmitm.streaming import StreamPipeline
+from llmitm.streaming import ChunkLog, StreamPipeline
 from llmitm.x402 import PAYMENT_HEADERS
 
 logger = logging.getLogger(__name__)
@@ -103,11 +106,17 @@ class Captured(NamedTuple):
 
 
 class _Capture:
-    __slots__ = ("client", "stages", "upstream")
+    """A streamed body being captured: through the flow's StreamPipeline log (with what the
+    upstream sent), or by ``client`` for a stream that is another addon's callable."""
 
-    def __init__(self, client: StreamCapture) -> None:
+    __slots__ = ("client", "log", "stages", "start", "upstream")
+
+    def __init__(self, start: float, client: StreamCapture | None = None,
+                 log: ChunkLog | None = None) -> None:
+        self.start = start
         self.client = client
-        self.upstream: StreamCapture | None = None
+        self.log = log
+        self.upstream = False  # keep the upstream's bytes if a stage changed them
         self.stages: list[Any] = []
 
     @property
@@ -116,9 +125,10 @@ class _Capture:
 
     def snapshot(self) -> Captured:
         """What the writer needs, taken now: the stages stay behind with the live flow."""
-        if self.upstream is not None and self.upstream_changed:
-            return Captured(self.client.body, list(self.client.ends),
-                            self.upstream.body, list(self.upstream.ends))
+        if self.log is not None:
+            return Captured(*captured_from_log(self.log.entries, self.start,
+                                               self.upstream and self.upstream_changed))
+        assert self.client is not None
         return Captured(self.client.body, list(self.client.ends))
 
 
@@ -548,16 +558,16 @@ class Recorder:
         if config.dir is None:
             return
         start = response.timestamp_start or time.time()
-        client = StreamCapture(config.max_body, start)
-        capture = _Capture(client)
         stream = response.stream
         if isinstance(stream, StreamPipeline):
-            if config.upstream_original:
-                capture.upstream = StreamCapture(config.max_body, start)
-                stream.add_input_tap(capture.upstream.add)
-                capture.stages = stream.stages
-            stream.add_tap(client.add)
-        elif callable(stream):
+            capture = _Capture(start, log=stream.start_log(config.max_body + SLACK))
+            capture.upstream = config.upstream_original
+            capture.stages = stream.stages
+            self._captures[flow] = capture
+            return
+        client = StreamCapture(config.max_body, start)
+        capture = _Capture(start, client)
+        if callable(stream):
             inner = stream
 
             def tapped(data: bytes) -> bytes | Iterable[bytes]:

@@ -178,6 +178,48 @@ class StreamCapture:
         return [end for _, end in self.ends]
 
 
+def captured_from_log(
+    entries: list[tuple[float, bytes, list[bytes] | None]], start: float, upstream: bool
+) -> tuple[bytes, list[tuple[float, int]], bytes | None, list[tuple[float, int]] | None]:
+    """(client body, its ends, upstream body, its ends) from a pipeline's ``ChunkLog`` entries;
+    the upstream's only when ``upstream`` (a repair changed the stream). Ends as
+    ``StreamCapture.ends`` gives them (chunks within a millisecond merged)."""
+    client: list[bytes] = []
+    client_ends = _Ends(start)
+    upstream_ends = _Ends(start) if upstream else None
+    for at, data, pieces in entries:
+        if pieces is None:
+            client.append(data)
+            client_ends.add(at, len(data))
+        else:
+            client.extend(pieces)
+            client_ends.add(at, sum(len(piece) for piece in pieces))
+        if upstream_ends is not None:
+            upstream_ends.add(at, len(data))
+    return (b"".join(client), client_ends.ends,
+            b"".join(data for _, data, _ in entries) if upstream else None,
+            upstream_ends.ends if upstream_ends is not None else None)
+
+
+class _Ends:
+    __slots__ = ("end", "ends", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.end = 0
+        self.ends: list[tuple[float, int]] = []
+
+    def add(self, at: float, size: int) -> None:
+        if not size:
+            return
+        self.end += size
+        t = max(0.0, at - self.start)
+        if self.ends and t - self.ends[-1][0] < 0.001:
+            self.ends[-1] = (self.ends[-1][0], self.end)
+        else:
+            self.ends.append((t, self.end))
+
+
 def timing_of(ends: list[tuple[float, int]], mapped: list[int], length: int) -> list[list[float | int]]:
     """``[[seconds, nbytes], ...]`` for a body of ``length`` bytes whose chunks end at ``mapped``
     (``ends`` offsets after redaction moved them); chunks past ``length`` are cut off."""

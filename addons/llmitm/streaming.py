@@ -3,7 +3,8 @@
 mitmproxy accepts one ``flow.response.stream`` callable per flow. Repair, recording and payments
 all need to see the streamed bytes, so the streaming addon installs one ``StreamPipeline`` and
 the others add stages (which may rewrite bytes) and taps (which only observe what the client
-receives, in order; input taps see what the upstream sent).
+receives, in order). A ``ChunkLog`` keeps, for the recorder, what the upstream sent and what the
+client got, at the cost of one list append per chunk.
 
 Contract with mitmproxy (see research/mitmproxy.md): the callable is called per upstream chunk
 and once with ``b""`` at the end; it must never return ``b""`` mid-stream (that writes the HTTP/1
@@ -13,6 +14,7 @@ chunked terminator), so it always returns a list without empty items.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -31,16 +33,28 @@ StreamTap = Callable[[bytes], None]
 StreamEndTap = Callable[[], None]
 
 
+class ChunkLog:
+    """A stream as it passed: ``(time, upstream chunk, client pieces)`` per chunk, the pieces
+    None when the client got the chunk itself (the usual case), b"" as the chunk at the end.
+    Logging stops once ``limit`` upstream bytes are in."""
+
+    __slots__ = ("entries", "room")
+
+    def __init__(self, limit: int) -> None:
+        self.entries: list[tuple[float, bytes, list[bytes] | None]] = []
+        self.room = limit
+
+
 class StreamPipeline:
     """Runs stages in order, then hands every outgoing piece to the taps."""
 
-    __slots__ = ("end_taps", "finished", "input_taps", "stages", "taps")
+    __slots__ = ("end_taps", "finished", "log", "stages", "taps")
 
     def __init__(self) -> None:
         self.stages: list[StreamStage] = []
         self.taps: list[StreamTap] = []
-        self.input_taps: list[StreamTap] = []
         self.end_taps: list[StreamEndTap] = []
+        self.log: ChunkLog | None = None
         self.finished = False
 
     def add_stage(self, stage: StreamStage) -> None:
@@ -51,21 +65,22 @@ class StreamPipeline:
         if on_end is not None:
             self.end_taps.append(on_end)
 
-    def add_input_tap(self, tap: StreamTap) -> None:
-        """``tap`` sees every upstream chunk before the stages do (what the upstream sent)."""
-        self.input_taps.append(tap)
+    def start_log(self, limit: int) -> ChunkLog:
+        """Keep a ``ChunkLog`` of this stream (for the recorder), of about ``limit`` bytes."""
+        self.log = ChunkLog(limit)
+        return self.log
 
     def __call__(self, data: bytes) -> list[bytes]:
         if data:
-            for tap in self.input_taps:
-                try:
-                    tap(data)
-                except Exception:
-                    self._tap_failed(tap)
-                    break  # the list changed under the loop; the others see the next chunk
             pieces = self._chunk(data)
         else:
             pieces = self._finish()
+        log = self.log
+        if log is not None and log.room > 0 and (data or pieces):
+            # inline, not a tap: one append per chunk is all the recording costs here
+            log.room -= len(data)
+            log.entries.append((time.time(), data,
+                                None if len(pieces) == 1 and pieces[0] is data else pieces))
         if self.taps:
             for piece in pieces:
                 for tap in tuple(self.taps):
@@ -101,8 +116,6 @@ class StreamPipeline:
         log.exception("stream tap failed; it is detached, the stream goes on")
         if tap in self.taps:
             self.taps.remove(tap)
-        if tap in self.input_taps:
-            self.input_taps.remove(tap)
         if tap in self.end_taps:
             self.end_taps.remove(tap)
 

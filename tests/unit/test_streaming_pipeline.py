@@ -81,21 +81,20 @@ def test_a_failing_stage_or_tap_never_cuts_the_stream() -> None:
     assert len(p.stages) == 1 and p.taps == []
 
 
-def test_input_taps_see_the_upstream_bytes_before_any_stage() -> None:
+def test_the_log_keeps_what_the_upstream_sent_and_what_the_client_got() -> None:
     p = StreamPipeline()
     p.add_stage(HoldUntilNewline())
     p.add_stage(Upper())
-    received: list[bytes] = []
-    p.add_input_tap(received.append)
-
-    def bad_input_tap(chunk: bytes) -> None:
-        raise ValueError("tap bug")
-
-    p.add_input_tap(bad_input_tap)
-    out = p(b"ab") + p(b"c\nd") + p(b"e") + p(b"")
-    assert received == [b"ab", b"c\nd", b"e"]  # as sent, never b"" (the end is no chunk)
-    assert out == [b"ABC\n", b"DE", b"!"]
-    assert p.input_taps == [received.append]  # the failing one is detached, the stream goes on
+    log = p.start_log(limit=6)
+    out = p(b"ab") + p(b"c\nd") + p(b"e") + p(b"f\n") + p(b"")
+    assert out == [b"ABC\n", b"DEF\n", b"!"]
+    sent = [(data, pieces) for _, data, pieces in log.entries]
+    # a chunk the stages held back gave the client nothing; the log stops once 6 bytes are in
+    assert sent == [(b"ab", []), (b"c\nd", [b"ABC\n"]), (b"e", [])]
+    untouched = StreamPipeline()
+    untouched_log = untouched.start_log(limit=100)
+    untouched(b"x")
+    assert untouched_log.entries[0][1:] == (b"x", None)  # the client got the chunk itself
 
 
 def test_a_stage_failing_mid_pipeline_hands_its_input_to_the_stages_after_it() -> None:
