@@ -72,7 +72,22 @@ class StreamPipeline:
 
     def __call__(self, data: bytes) -> list[bytes]:
         if data:
-            pieces = self._chunk(data)
+            # The hot path (once per upstream chunk): while every stage returns one piece, hand
+            # it on without building lists; anything else goes the general way (_through).
+            piece = data
+            for index, stage in enumerate(tuple(self.stages)):
+                try:
+                    out = stage.feed(piece)
+                except Exception:
+                    out = self._detach(stage, [piece])
+                    pieces = self._through(index, out)  # the stages after it (indexes moved down)
+                    break
+                if len(out) != 1:
+                    pieces = self._through(index + 1, out) if out else []
+                    break
+                piece = out[0]
+            else:
+                pieces = [piece] if piece else []
         else:
             pieces = self._finish()
         log = self.log
@@ -95,21 +110,6 @@ class StreamPipeline:
                     except Exception:
                         self._tap_failed(end)
         return pieces
-
-    def _chunk(self, data: bytes) -> list[bytes]:
-        # The hot path (once per upstream chunk): while every stage returns one piece, hand it on
-        # without building lists; anything else goes the general way.
-        piece = data
-        for index, stage in enumerate(tuple(self.stages)):
-            try:
-                out = stage.feed(piece)
-            except Exception:
-                out = self._detach(stage, [piece])
-                return self._through(index, out)  # the stages after it (indexes moved down)
-            if len(out) != 1:
-                return self._through(index + 1, out) if out else []
-            piece = out[0]
-        return [piece] if piece else []
 
     def _tap_failed(self, tap: Callable[..., None]) -> None:
         # an observer must never cut the client's stream

@@ -204,7 +204,11 @@ class ChatRepairer(StreamRepairer):
         ):
             return False
         # (no test for blank arguments: they were not at admission, and they only grow)
-        call.add_args(values[_ARGUMENTS])  # type: ignore[arg-type]  # a string hole
+        text: str = values[_ARGUMENTS]  # type: ignore[assignment]  # a string hole
+        call.args += text
+        progress = call.progress
+        if progress.escape or not progress.in_string or '"' in text or "\\" in text:
+            progress.feed(text)  # (text inside a JSON string changes nothing else)
         return True
 
     def _route(

@@ -147,10 +147,11 @@ class MessagesRepairer(StreamRepairer):
         block: _Block = state.block
         if self._blocks.get(state.index) is not block or block.progress.complete:
             return False
-        text = values[_PARTIAL_JSON]
-        assert isinstance(text, str)
+        text: str = values[_PARTIAL_JSON]  # type: ignore[assignment]  # a string hole
         block.args += text
-        block.progress.feed(text)
+        progress = block.progress
+        if progress.escape or not progress.in_string or '"' in text or "\\" in text:
+            progress.feed(text)  # (text inside a JSON string changes nothing else)
         return True
 
 
