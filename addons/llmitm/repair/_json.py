@@ -56,6 +56,8 @@ class JsonProgress:
     def feed(self, text: str) -> None:
         if self.complete or not text:
             return
+        if self.in_string and not self.escape and '"' not in text and "\\" not in text:
+            return  # more text inside a string (most argument fragments): nothing changes
         pos = 0
         size = len(text)
         if self.escape:

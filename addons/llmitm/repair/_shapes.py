@@ -268,18 +268,8 @@ class Matcher:
         return None if values is None else (match.end(), values)
 
     def values(self, match: re.Match[bytes]) -> HoleValues | None:
-        raw = match.string
-        values: HoleValues = {}
-        for group, (name, is_string) in enumerate(self.names, 1):
-            start, end = match.span(group)
-            if is_string:
-                text = string_value(raw, start, end)
-                if text is None:
-                    return None
-                values[name] = text
-            else:
-                values[name] = int(raw[start:end])
-        return values
+        return hole_values(match.string, {name: (*match.span(group), is_string)
+                                          for group, (name, is_string) in enumerate(self.names, 1)})
 
 
 def can_match(entry: ShapeEntry) -> bool:

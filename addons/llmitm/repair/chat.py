@@ -204,11 +204,7 @@ class ChatRepairer(StreamRepairer):
         ):
             return False
         # (no test for blank arguments: they were not at admission, and they only grow)
-        text: str = values[_ARGUMENTS]  # type: ignore[assignment]  # a string hole
-        call.args += text
-        progress = call.progress
-        if progress.escape or not progress.in_string or '"' in text or "\\" in text:
-            progress.feed(text)  # (text inside a JSON string changes nothing else)
+        call.add_args(values[_ARGUMENTS])  # type: ignore[arg-type]  # a string hole
         return True
 
     def _route(

@@ -149,9 +149,7 @@ class MessagesRepairer(StreamRepairer):
             return False
         text: str = values[_PARTIAL_JSON]  # type: ignore[assignment]  # a string hole
         block.args += text
-        progress = block.progress
-        if progress.escape or not progress.in_string or '"' in text or "\\" in text:
-            progress.feed(text)  # (text inside a JSON string changes nothing else)
+        block.progress.feed(text)
         return True
 
 
