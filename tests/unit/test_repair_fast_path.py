@@ -291,6 +291,23 @@ def test_a_fragment_is_judged_plain_before_its_repairs() -> None:
     assert_same("chat_completions", body, None, frame_ends(body))
 
 
+def test_interleaved_calls_switch_between_known_shapes() -> None:
+    """Fragments of three calls taking turns: each frame's shape is one of several known ones."""
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def chunk(fragment: dict[str, Any]) -> bytes:
+        return _data({**base, "choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]},
+                     "none")
+
+    frames = [chunk({"index": c, "id": f"call_{c}", "type": "function",
+                     "function": {"name": "f", "arguments": "{"}}) for c in range(3)]
+    frames += [chunk({"index": i % 3, "function": {"arguments": f"x{i}"}}) for i in range(60)]
+    body = b"".join(frames)
+    assert assert_same("chat_completions", body, None, frame_ends(body)) >= 50
+    out, _ = repaired("chat_completions", body, None, [len(body) // 2], fast=True)
+    assert out == body  # healthy: byte-identical, also when many frames come in one chunk
+
+
 def test_openai_obfuscation_padding_does_not_defeat_the_fast_path() -> None:
     calls = [[(f"part {i}", "obfuscation") for i in range(40)]]
     body = chat_stream(calls)

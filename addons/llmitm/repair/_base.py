@@ -165,14 +165,18 @@ class StreamRepairer:
         copied = 0  # chunk[copied:pos] passes on unchanged
         matchers = self._matchers
         while pos < size:
-            found = -1
-            for index, matcher in enumerate(matchers):
-                match = matcher.match(chunk, pos)
-                if match is not None:
-                    found = index
+            matcher = matchers[0]  # the latest shape met: usually this one again
+            match = matcher.match(chunk, pos)
+            found = 0
+            if match is None:
+                for index in range(1, len(matchers)):
+                    matcher = matchers[index]
+                    match = matcher.match(chunk, pos)
+                    if match is not None:
+                        found = index
+                        break
+                else:
                     break
-            if found < 0 or match is None:
-                break
             end, values = match
             entry = matcher.entry
             written = None

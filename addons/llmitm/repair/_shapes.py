@@ -211,12 +211,13 @@ class Matcher:
     shape's bytes around it (``startswith``/``find``: C calls); a frame whose holes hold escapes
     is matched by a regular expression built from the shape (compiled when first needed)."""
 
-    __slots__ = ("_regex", "entry", "names", "segments")
+    __slots__ = ("_regex", "entry", "names", "segments", "single")
 
     def __init__(self, entry: ShapeEntry) -> None:
         self.entry = entry
         self.names = entry.names  # in frame order (shape_of sorts the holes by position)
         self.segments = entry.segments
+        self.single = len(self.names) == 1 and self.names[0][1]
         self._regex: re.Pattern[bytes] | None = None
 
     @property
@@ -236,6 +237,18 @@ class Matcher:
         if not chunk.startswith(segments[0], pos):
             return None
         at = pos + len(segments[0])
+        if self.single:  # one string hole (most shapes): no loop
+            end = chunk.find(b'"', at)
+            tail = segments[1]
+            if end < 0 or not chunk.startswith(tail, end):
+                return self._by_regex(chunk, pos)
+            raw = chunk[at:end]
+            if _NOT_PLAIN.search(raw) is not None:
+                return self._by_regex(chunk, pos)
+            try:
+                return end + len(tail), {self.names[0][0]: raw.decode("utf-8")}
+            except UnicodeDecodeError:
+                return None
         values: HoleValues = {}
         index = 1
         for name, is_string in self.names:
