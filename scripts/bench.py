@@ -4,7 +4,8 @@ Every route sends the same requests to the same local fake provider: direct and 
 ``https://127.0.0.1:PORT`` (with ``Host: api.openai.com``), llmitm to ``https://api.openai.com``
 routed to the fake with ``llmitm_resolve`` (llmitm decides by where a connection goes, never by
 the Host header, so it needs the real name to recognise provider traffic).
-Rounds are interleaved (the route order rotates each round) and ratios are
+The 1-client latency takes the routes in turn, request by request; other measures run route by
+route. Rounds are interleaved (the route order rotates each round) and ratios are
 computed within each round before taking medians, so drift on a shared machine cancels out.
 All loops are bounded; everything listens on 127.0.0.1 and is stopped at the end.
 """
@@ -78,17 +79,26 @@ class Bench:
                                         socket_options=NODELAY)
         return httpx.Client(transport=transport, trust_env=False, timeout=30)
 
-    def latency_ms(self, route: Route, n: int) -> float:
-        with self.client(route) as c:
-            for _ in range(10):  # warm the connections up
-                c.post(f"{route.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
-            samples = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                r = c.post(f"{route.base}/v1/chat/completions", json=CHAT_BODY, headers=self.headers)
-                samples.append((time.perf_counter() - t0) * 1000)
-                assert r.status_code == 200
-        return statistics.median(samples)
+    def latency_ms(self, routes: list[Route], n: int) -> dict[str, float]:
+        """Median latency per route, the routes taking turns request by request (one client
+        each, connections kept): every route is measured over the same stretch of time, so a
+        machine that speeds up or slows down meanwhile affects them alike."""
+        clients = {route.name: self.client(route) for route in routes}
+        samples: dict[str, list[float]] = {route.name: [] for route in routes}
+        try:
+            for i in range(n + 10):  # the first 10 warm the connections up
+                for route in routes:
+                    c = clients[route.name]
+                    t0 = time.perf_counter()
+                    r = c.post(f"{route.base}/v1/chat/completions", json=CHAT_BODY,
+                               headers=self.headers)
+                    if i >= 10:
+                        samples[route.name].append((time.perf_counter() - t0) * 1000)
+                    assert r.status_code == 200
+        finally:
+            for c in clients.values():
+                c.close()
+        return {name: statistics.median(values) for name, values in samples.items()}
 
     def requests_per_second(self, route: Route, clients: int, per_client: int) -> float:
         async def one(c: httpx.AsyncClient) -> None:
@@ -165,8 +175,9 @@ MEASURES: list[tuple[str, str, bool]] = [
 
 
 def run_round(bench: Bench, routes: list[Route], results: Results, quick: bool) -> None:
+    for name, value in bench.latency_ms(routes, 60 if quick else 300).items():
+        results.add("latency", name, value)
     for route in routes:
-        results.add("latency", route.name, bench.latency_ms(route, 60 if quick else 300))
         results.add("rps", route.name, bench.requests_per_second(route, 16, 10 if quick else 40))
         first, lag = bench.sse_timing(route, 25, 0.02)
         results.add("first", route.name, first)
