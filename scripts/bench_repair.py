@@ -17,7 +17,8 @@ Rounds are interleaved (route order rotates), ratios and differences are taken w
 then medians (min-max over rounds). Everything listens on 127.0.0.1, all loops are bounded,
 every process is stopped.
 
-``python scripts/bench_repair.py [--rounds N]`` prints a markdown table; ``run(rounds)`` returns it
+``python scripts/bench_repair.py [--rounds N]`` prints a markdown table (``LLMITM_BENCH_BURST_FRAMES``
+sets the burst length: longer bursts average out a drifting machine); ``run(rounds)`` returns it
 (scripts/bench.py calls it).
 """
 
@@ -27,6 +28,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import platform
 import shutil
 import socket
@@ -51,7 +53,7 @@ from tests.harness.gateway import SYSTEM_CA_FILES, Gateway  # noqa: E402
 from tests.harness.procs import Proc  # noqa: E402
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-BURST_FRAMES = 2000
+BURST_FRAMES = int(os.environ.get("LLMITM_BENCH_BURST_FRAMES", "2000"))
 LAG_FRAMES = 25
 LAG_DELAY = 0.02
 TARGET_THROUGHPUT = 0.8  # repair on / passthrough, at least
