@@ -161,21 +161,10 @@ class StreamCapture:
 
     @property
     def ends(self) -> list[tuple[float, int]]:
-        out: list[tuple[float, int]] = []
-        end = 0
-        start = self.start
+        ends = _Ends(self.start)
         for chunk, at in zip(self._chunks, self._times, strict=True):
-            end += len(chunk)
-            t = max(0.0, at - start)
-            if out and t - out[-1][0] < 0.001:
-                out[-1] = (out[-1][0], end)
-            else:
-                out.append((t, end))
-        return out
-
-    @property
-    def offsets(self) -> list[int]:
-        return [end for _, end in self.ends]
+            ends.add(at, len(chunk))
+        return ends.ends
 
 
 def captured_from_log(
@@ -202,6 +191,9 @@ def captured_from_log(
 
 
 class _Ends:
+    """``(seconds since start, end offset)`` per chunk; a chunk within a millisecond of the first
+    of a run is merged into it."""
+
     __slots__ = ("end", "ends", "start")
 
     def __init__(self, start: float) -> None:

@@ -178,19 +178,12 @@ class StreamRepairer:
                 else:
                     break
             end, values = match
-            entry = matcher.entry
-            written = None
-            if entry.rewrite is not None:
-                written = entry.rewrite.fill(values)
-                if written is None:
-                    break
-            if not self._continue(entry.state, values):
+            applied, written = self._apply(matcher.entry, values)
+            if not applied:
                 break
-            self._eol = entry.eol
             if found:
                 matchers.insert(0, matchers.pop(found))
             if written is not None:
-                self._count(entry.notes)
                 if pos > copied:
                     out.append(chunk[copied:pos])
                 out.append(written)
@@ -200,10 +193,23 @@ class StreamRepairer:
             out.append(chunk[copied:pos] if copied or pos < size else chunk)
         return pos
 
-    def _count(self, notes: tuple[str, ...]) -> None:
-        for repair in notes:
-            self.repairs[repair] += 1
-        self.upstream_changed = True
+    def _apply(self, entry: ShapeEntry, values: HoleValues) -> tuple[bool, bytes | None]:
+        """A frame of a known shape that continues ``entry.state``: (done, the rewritten frame
+        or None when it passes unchanged); (False, None), changing nothing, when the full path
+        must handle it."""
+        written = None
+        if entry.rewrite is not None:
+            written = entry.rewrite.fill(values)
+            if written is None:
+                return False, None
+        if not self._continue(entry.state, values):
+            return False, None
+        self._eol = entry.eol
+        if written is not None:
+            for repair in entry.notes:
+                self.repairs[repair] += 1
+            self.upstream_changed = True
+        return True, written
 
     def _frame(self, frame: Frame) -> list[bytes]:
         shape = None
@@ -215,7 +221,6 @@ class StreamRepairer:
                     written = self._fast(entry, frame, shape)
                     if written is not None:
                         return [written]
-        self._last_obj = None
         pieces = self._full(frame)
         if shape is not None and len(self._shapes) < MAX_SHAPES:
             self._remember(frame, shape, pieces)
@@ -228,20 +233,13 @@ class StreamRepairer:
             return None
         if entry.state is None:  # a frame the repairer does not look at: valid JSON is enough
             return None if self._wants(frame) else frame.raw
-        written: bytes | None = frame.raw
-        if entry.rewrite is not None:
-            written = entry.rewrite.fill(values)
-            if written is None:
-                return None
-        if not self._continue(entry.state, values):
+        applied, written = self._apply(entry, values)
+        if not applied:
             return None
-        self._eol = entry.eol
-        if entry.rewrite is not None:
-            self._count(entry.notes)
         entry.hits += 1
         if entry.hits == 1 and len(self._matchers) < MAX_MATCHERS and can_match(entry):
             self._matchers.insert(0, Matcher(entry))
-        return written
+        return frame.raw if written is None else written
 
     def _remember(self, frame: Frame, shape: Shape, pieces: list[bytes]) -> None:
         """After the full path: remember the frame's shape when a later frame of that shape can
@@ -258,9 +256,10 @@ class StreamRepairer:
         if values is None or not self._admits(state, values):
             return
         notes: tuple[str, ...] = getattr(state, "notes", ())
-        if pieces[0] is frame.raw:
-            if not notes:
-                self._shapes[shape.key] = ShapeEntry(shape, state, self._eol)
+        if (pieces[0] is frame.raw) != (not notes):
+            return  # the frame was repaired without the state saying how, or the other way round
+        if not notes:
+            self._shapes[shape.key] = ShapeEntry(shape, state, self._eol)
             return
         rewrite = self._rewrite_of(frame, shape, state, values, pieces[0])
         if rewrite is not None:
@@ -272,7 +271,7 @@ class StreamRepairer:
         in its holes, cut at the marks; None unless that gives back ``written`` when filled with
         this frame's own values."""
         obj = self._last_obj
-        if (obj is None or not getattr(state, "notes", ()) or self._set_event is not None
+        if (obj is None or self._set_event is not None
                 or not all(is_string for _, _, is_string in shape.holes.values())):
             return None
         marks = {name: f"\ue000llmitm:{n}\ue001" for n, name in enumerate(shape.holes)}
@@ -286,6 +285,7 @@ class StreamRepairer:
 
     def _full(self, frame: Frame) -> list[bytes]:
         self._admit = None
+        self._last_obj = None
         self.full_frames += 1
         spaced = False
         original = frame.raw

@@ -211,20 +211,21 @@ class Matcher:
     shape's bytes around it (``startswith``/``find``: C calls); a frame whose holes hold escapes
     is matched by a regular expression built from the shape (compiled when first needed)."""
 
-    __slots__ = ("_regex", "entry", "names", "segments", "single")
+    __slots__ = ("_regex", "entry", "head", "holes", "names")
 
     def __init__(self, entry: ShapeEntry) -> None:
         self.entry = entry
         self.names = entry.names  # in frame order (shape_of sorts the holes by position)
-        self.segments = entry.segments
-        self.single = len(self.names) == 1 and self.names[0][1]
+        self.head = entry.segments[0]
+        # each hole with the bytes that follow it
+        self.holes = tuple(zip(self.names, entry.segments[1:], strict=True))
         self._regex: re.Pattern[bytes] | None = None
 
     @property
     def regex(self) -> re.Pattern[bytes]:
         if self._regex is None:
-            parts = [re.escape(self.segments[0])]
-            for (_, is_string), segment in zip(self.names, self.segments[1:], strict=True):
+            parts = [re.escape(self.head)]
+            for (_, is_string), segment in self.holes:
                 parts.append(_STRING_GROUP if is_string else _INT_GROUP)
                 parts.append(re.escape(segment))
             self._regex = re.compile(b"".join(parts), re.DOTALL)
@@ -233,36 +234,18 @@ class Matcher:
     def match(self, chunk: bytes, pos: int) -> tuple[int, HoleValues] | None:
         """(end of the frame, its hole values) for a frame of this shape at ``pos``; None when
         there is none there, or its holes are not valid JSON text."""
-        segments = self.segments
-        if not chunk.startswith(segments[0], pos):
+        if not chunk.startswith(self.head, pos):
             return None
-        at = pos + len(segments[0])
-        if self.single:  # one string hole (most shapes): no loop
-            end = chunk.find(b'"', at)
-            tail = segments[1]
-            if end < 0 or not chunk.startswith(tail, end):
-                return self._by_regex(chunk, pos)
-            raw = chunk[at:end]
-            if _NOT_PLAIN.search(raw) is not None:
-                return self._by_regex(chunk, pos)
-            try:
-                return end + len(tail), {self.names[0][0]: raw.decode("utf-8")}
-            except UnicodeDecodeError:
-                return None
+        at = pos + len(self.head)
         values: HoleValues = {}
-        index = 1
-        for name, is_string in self.names:
-            segment = segments[index]
-            index += 1
+        for (name, is_string), segment in self.holes:
             if is_string:
                 end = chunk.find(b'"', at)
-                if end < 0 or not chunk.startswith(segment, end):
-                    return self._by_regex(chunk, pos)
-                raw = chunk[at:end]
-                if _NOT_PLAIN.search(raw) is not None:
+                if (end < 0 or not chunk.startswith(segment, end)
+                        or _NOT_PLAIN.search(chunk, at, end) is not None):
                     return self._by_regex(chunk, pos)
                 try:
-                    values[name] = raw.decode("utf-8")
+                    values[name] = chunk[at:end].decode("utf-8")
                 except UnicodeDecodeError:
                     return None
             else:
