@@ -12,7 +12,13 @@ from typing import Any
 from mitmproxy import ctx, http
 from mitmproxy.addons import asgiapp
 
-from glue import CONTROL_HOST, PAYMENTS_ADDON_NAME, SESSIONS_ADDON_NAME, current_config
+from glue import (
+    CONTROL_HOST,
+    PAYMENTS_ADDON_NAME,
+    SESSIONS_ADDON_NAME,
+    current_config,
+    for_control_host,
+)
 from llmitm import flowmeta
 from llmitm.config import GatewayConfig
 from llmitm.control_app import CALLER, Caller, PaymentsLister, build_app
@@ -51,6 +57,9 @@ class Control(asgiapp.ASGIApp):
     @property
     def name(self) -> str:
         return "llmitm-control"
+
+    def should_serve(self, flow: http.HTTPFlow) -> bool:
+        return for_control_host(flow) and super().should_serve(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if not self.should_serve(flow):

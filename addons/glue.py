@@ -28,6 +28,16 @@ def current_config() -> GatewayConfig:
     return config if isinstance(config, GatewayConfig) else _DEFAULT_CONFIG
 
 
+def for_control_host(flow: http.HTTPFlow) -> bool:
+    """``flow.request.pretty_host == CONTROL_HOST``, the test mitmproxy's ASGI apps serve by.
+    A substring test rules out almost every request first: ``pretty_host`` parses the Host
+    header, several µs on every request of every addon that asks."""
+    request = flow.request
+    if CONTROL_HOST not in (request.host_header or request.host).lower():
+        return False
+    return request.pretty_host == CONTROL_HOST
+
+
 def provider_style(flow: http.HTTPFlow) -> ProviderStyle:
     style = flow.metadata.get(flowmeta.PROVIDER_STYLE)
     return "anthropic" if style == "anthropic" else "openai"

@@ -2,9 +2,9 @@
 
 Provider and endpoint kind (from host and path), bypass, the session (proxy-auth user, else
 ``X-Llmitm-Session``, else ``default``; a session with a token answers 407 unless that token was
-presented through proxy auth) and the per-turn headers (400 when malformed). Then it strips
-every ``X-Llmitm-*`` header and ``Proxy-Authorization``, so none ever goes upstream, whatever
-later addons decide.
+presented through proxy auth) and the per-turn headers (400 when malformed), all read from the
+``X-Llmitm-*`` and ``Proxy-Authorization`` headers it takes off the request first, so none ever
+goes upstream, whatever later addons decide.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from llmitm.sessions import (
     resolve_identity,
 )
 
-CONTROL_PREFIX = "x-llmitm-"
+CONTROL_PREFIX = b"x-llmitm-"
+PROXY_AUTHORIZATION = b"proxy-authorization"
 _TURN_HEADERS: weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, str]] = (
     weakref.WeakKeyDictionary()
 )
@@ -37,11 +38,23 @@ def turn_headers_of(flow: http.HTTPFlow) -> dict[str, str] | None:
     return _TURN_HEADERS.get(flow)
 
 
-def strip_control_headers(headers: http.Headers) -> None:
-    for name in {k.lower() for k in headers if k.lower().startswith(CONTROL_PREFIX)}:
-        del headers[name]
-    if "proxy-authorization" in headers:
-        del headers["proxy-authorization"]
+def _is_control(name: bytes) -> bool:
+    lname = name.lower()
+    return lname.startswith(CONTROL_PREFIX) or lname == PROXY_AUTHORIZATION
+
+
+def take_control_headers(headers: http.Headers) -> dict[str, str]:
+    """Remove every ``X-Llmitm-*`` header and ``Proxy-Authorization``; return their values by
+    lower-case name (repeated ones folded with ", ", as ``Headers.get`` does). One pass over the
+    raw fields instead of a ``Headers`` lookup per name: this runs on every request."""
+    found: dict[str, list[str]] = {}
+    for name, value in headers.fields:
+        if _is_control(name):
+            found.setdefault(name.lower().decode("utf-8", "surrogateescape"), []).append(
+                value.decode("utf-8", "surrogateescape"))
+    if found:
+        headers.fields = tuple(f for f in headers.fields if not _is_control(f[0]))
+    return {name: ", ".join(values) for name, values in found.items()}
 
 
 def _credentials(value: str) -> tuple[str, str] | None:
@@ -88,42 +101,40 @@ class Identify:
         self._tunnel_credentials[flow.client_conn] = credentials
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:  # answered already (e.g. a concurrency 503): still strip
-            strip_control_headers(flow.request.headers)
+        # Stripped first, whatever happens next: none of them ever goes upstream.
+        control = take_control_headers(flow.request.headers)
+        if flow.response is not None:  # answered already (e.g. a concurrency 503)
             return
         self._derive()
         request, metadata = flow.request, flow.metadata
-        headers = request.headers
         provider = self._providers.match(request.host)  # where it goes, not the Host header
         metadata[flowmeta.PROVIDER] = provider.name if provider else None
         if provider is not None:
             metadata[flowmeta.PROVIDER_STYLE] = provider.style
         metadata[flowmeta.ENDPOINT] = classify_endpoint(request.path) if provider else "other"
-        metadata[flowmeta.BYPASS] = headers.get("x-llmitm-bypass", "").strip().lower() in ("1", "true")
+        metadata[flowmeta.BYPASS] = control.get("x-llmitm-bypass", "").strip().lower() in ("1", "true")
         try:
-            self._identify(flow)
+            self._identify(flow, control)
         except AuthFailure as e:
             self._answer_407(flow, str(e))
         except HeaderError as e:
             answer_error(flow, 400, f"{e}. Nothing was sent upstream.", "invalid_turn_headers")
-        finally:
-            strip_control_headers(headers)
 
-    def _identify(self, flow: http.HTTPFlow) -> None:
-        headers = flow.request.headers
-        credentials = self._tunnel_credentials.get(flow.client_conn)
-        if "proxy-authorization" in headers:  # plain-HTTP proxy requests carry it themselves
-            credentials = _credentials(headers["proxy-authorization"])
+    def _identify(self, flow: http.HTTPFlow, control: dict[str, str]) -> None:
+        """``control``: the request's control headers, as take_control_headers returned them."""
+        credentials = self._tunnel_credentials.get(flow.client_conn) if self._tunnel_credentials else None
+        if "proxy-authorization" in control:  # plain-HTTP proxy requests carry it themselves
+            credentials = _credentials(control["proxy-authorization"])
             if credentials is None:
                 raise AuthFailure("malformed Proxy-Authorization (expected Basic user:token)")
-        identity = resolve_identity(credentials, headers.get("x-llmitm-session"), self._tokens)
+        identity = resolve_identity(credentials, control.get("x-llmitm-session"), self._tokens)
         flow.metadata[flowmeta.SESSION] = identity.session
         flow.metadata[flowmeta.SESSION_VERIFIED] = identity.verified
-        merge = parse_merge(headers.get("x-llmitm-header-merge"))
+        merge = parse_merge(control.get("x-llmitm-header-merge"))
         if merge is not None:
             flow.metadata[flowmeta.TURN_MERGE] = merge
-        if "x-llmitm-turn-headers" in headers:
-            _TURN_HEADERS[flow] = parse_turn_headers(headers["x-llmitm-turn-headers"])
+        if "x-llmitm-turn-headers" in control:
+            _TURN_HEADERS[flow] = parse_turn_headers(control["x-llmitm-turn-headers"])
 
     @staticmethod
     def _answer_407(flow: http.HTTPFlow, message: str) -> None:

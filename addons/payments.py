@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import exceptions, http
 
-from glue import CONTROL_HOST, PAYMENTS_ADDON_NAME, add_comment, current_config
+from glue import PAYMENTS_ADDON_NAME, add_comment, current_config, for_control_host
 from llmitm import flowmeta
 from llmitm.x402 import (
     PAYMENT_SIGNATURE_HEADER,
@@ -308,13 +308,15 @@ class Payments:
     # --- hooks --------------------------------------------------------------------------------
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.request.pretty_host == CONTROL_HOST:
+        if flow.response is not None or for_control_host(flow):
             return
         request = flow.request
         path, tokens = split_pay_param(request.path)
         if tokens:
             request.path = path  # never forwarded, whatever happens next
-        payer = await self.current_payer()
+        # the payer in force, without a coroutine in the common case that nothing changed
+        payer = (self.payer if current_config().x402 is self._config_seen
+                 else await self.current_payer())
         if payer is None and not tokens and self._unavailable is None:
             return  # x402 is off
         session = flow.metadata.get(flowmeta.SESSION)

@@ -20,7 +20,12 @@ from mitmproxy.addonmanager import Loader
 
 from glue import add_comment
 from llmitm import flowmeta
-from llmitm.repair import StreamRepairer, repair_json_response, stream_repairer_for
+from llmitm.repair import (
+    StreamRepairer,
+    may_need_json_repair,
+    repair_json_response,
+    stream_repairer_for,
+)
 from streams import stream_pipeline
 
 logger = logging.getLogger(__name__)
@@ -45,6 +50,7 @@ class Repair:
     name = "llmitm-repair"
 
     def __init__(self) -> None:
+        self.enabled = True
         self._streams: weakref.WeakKeyDictionary[http.HTTPFlow, StreamRepairer] = (
             weakref.WeakKeyDictionary()
         )
@@ -53,9 +59,13 @@ class Repair:
         loader.add_option("llmitm_repair", bool, True,
                           "Repair streamed tool-call frames that strict clients choke on.")
 
+    def configure(self, updated: set[str]) -> None:
+        if "llmitm_repair" in updated:
+            self.enabled = ctx.options.llmitm_repair  # read once: options are deep-copied on read
+
     def _applies(self, flow: http.HTTPFlow) -> bool:
         return bool(
-            ctx.options.llmitm_repair
+            self.enabled
             and not flow.metadata.get(flowmeta.BYPASS)
             and flow.metadata.get(flowmeta.ENDPOINT) in REPAIRED_ENDPOINTS
         )
@@ -81,9 +91,9 @@ class Repair:
                 or "json" not in response.headers.get("content-type", "")):
             return
         body = response.get_content(strict=False)
-        if not body:
-            return
         endpoint = str(flow.metadata[flowmeta.ENDPOINT])
+        if not body or not may_need_json_repair(endpoint, body):
+            return
         repaired, repairs = repair_json_response(endpoint, body, request_facts(flow))
         if repaired is not None:
             response.content = repaired  # re-encodes and fixes Content-Length

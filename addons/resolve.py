@@ -94,6 +94,11 @@ class UpstreamProbe:
         # Open upstream connections per (host, port): with lazy connections a flow's own
         # server_conn is not open yet at `request` time, so that cannot tell us.
         self.open: dict[Address, int] = {}
+        self.direct = True  # _connects_directly(), kept per configure: options are deep-copied on read
+
+    def configure(self, updated: set[str]) -> None:
+        if "mode" in updated:
+            self.direct = _connects_directly()
 
     @staticmethod
     def _key(server: connection.Server) -> Address | None:
@@ -113,7 +118,7 @@ class UpstreamProbe:
                 del self.open[key]
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not flow.live or not _connects_directly():
+        if flow.response is not None or not flow.live or not self.direct:
             return
         host, port = flow.request.host, flow.request.port
         if self.open.get((host.lower(), port)):

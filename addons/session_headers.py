@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from glue import CONTROL_HOST, SESSIONS_ADDON_NAME, add_comment, current_config
+from glue import SESSIONS_ADDON_NAME, add_comment, current_config, for_control_host
 from identify import turn_headers_of
 from llmitm import flowmeta
 from llmitm.config import GatewayConfig
@@ -50,7 +50,7 @@ class SessionHeaders:
         return compiled
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.request.pretty_host == CONTROL_HOST:
+        if flow.response is not None or for_control_host(flow):
             return
         session = flow.metadata.get(flowmeta.SESSION)
         if not isinstance(session, str):

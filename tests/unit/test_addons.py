@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from configuration import Configuration
-from identify import Identify
+from glue import CONTROL_HOST, for_control_host
+from identify import Identify, take_control_headers
 from llmitm import flowmeta
 from llmitm.streaming import StreamPipeline
 from resolve import Resolve
@@ -31,6 +32,35 @@ def test_identify_classifies_and_strips_control_headers() -> None:
         assert flow.metadata[flowmeta.ENDPOINT] == "messages"
         assert flow.metadata[flowmeta.BYPASS] is True
         assert not [k for k in flow.request.headers if k.lower().startswith("x-llmitm")]
+
+
+def test_take_control_headers_folds_repeats_and_keeps_the_rest() -> None:
+    headers = http.Headers([(b"X-Llmitm-Session", b"a"), (b"Accept", b"*/*"),
+                            (b"x-llmitm-session", b"b"), (b"Proxy-Authorization", b"Basic eA=="),
+                            (b"X-LLMITM-Turn-Headers", "{\"é\": 1}".encode()), (b"X-Other", b"o")])
+    taken = take_control_headers(headers)
+    assert taken == {"x-llmitm-session": "a, b", "proxy-authorization": "Basic eA==",
+                     "x-llmitm-turn-headers": '{"é": 1}'}
+    assert headers.fields == ((b"Accept", b"*/*"), (b"X-Other", b"o"))
+    assert take_control_headers(headers) == {} and len(headers.fields) == 2
+
+
+@pytest.mark.parametrize("host,host_header,expected", [
+    ("llmitm.internal", None, True),
+    ("api.openai.com", "llmitm.internal", True),  # as mitmproxy's ASGI apps decide (Host header)
+    ("10.0.0.1", "LLMITM.INTERNAL:80", False),  # pretty_host keeps the case: no match there
+    ("api.openai.com", None, False),
+    ("llmitm.internal.example", None, False),
+])
+def test_for_control_host_agrees_with_pretty_host(host: str, host_header: str | None,
+                                                  expected: bool) -> None:
+    flow = tflow.tflow()
+    flow.request.host = host
+    if host_header is None:
+        flow.request.headers.pop("host", None)
+    else:
+        flow.request.headers["host"] = host_header
+    assert for_control_host(flow) is (flow.request.pretty_host == CONTROL_HOST) is expected
 
 
 def test_streams_installs_pipeline_only_for_sse() -> None:

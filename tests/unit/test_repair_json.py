@@ -11,7 +11,7 @@ import openai.types.responses
 import pydantic
 import pytest
 
-from llmitm.repair import repair_json_response
+from llmitm.repair import may_need_json_repair, repair_json_response
 
 
 def chat_body(calls: list[Any], finish: str = "tool_calls", **message: Any) -> dict[str, Any]:
@@ -216,3 +216,26 @@ def test_bodies_that_are_not_json_objects(body: bytes) -> None:
 def test_unknown_endpoint() -> None:
     body = json.dumps(chat_body([call(id=None)])).encode()
     assert repair_json_response("models", body, None) == (None, {})
+
+
+@pytest.mark.parametrize("endpoint,body", [
+    ("chat_completions", chat_body([call(id=None)])),
+    ("responses", {"id": "resp_1", "output": [{"type": "function_call", "name": "f",
+                                                "arguments": ""}]}),
+    ("messages", {"id": "msg_1", "content": [{"type": "tool_use", "name": "f", "input": None}],
+                  "stop_reason": "tool_use"}),
+])
+def test_marker_prefilter_never_skips_a_repair(endpoint: str, body: dict[str, Any]) -> None:
+    """The substring prefilter skips parsing only when no tool call can be there: a body that
+    spells its keys with \\u escapes is still parsed and repaired; one without any marker is
+    skipped (and parsing it would find nothing to repair)."""
+    plain = json.dumps(body).encode()
+    escaped = json.dumps(body).replace("_", "\\u005f").encode()  # JSON-equal, no marker left
+    assert json.loads(escaped) == body
+    for text in (plain, escaped):
+        assert may_need_json_repair(endpoint, text)
+        repaired, repairs = repair_json_response(endpoint, text, None)
+        assert repaired is not None and repairs
+    no_tools = json.dumps({"id": "x", "choices": [], "output": [], "content": []}).encode()
+    assert not may_need_json_repair(endpoint, no_tools)
+    assert repair_json_response(endpoint, no_tools, None) == (None, {})

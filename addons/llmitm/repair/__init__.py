@@ -84,7 +84,7 @@ from typing import Any
 from ._base import StreamRepairer
 from ._json import encode
 from .chat import ChatRepairer, repair_chat_json, tool_choice_forced
-from .messages import MessagesRepairer, repair_messages_json
+from .messages import TOOL_BLOCK_TYPES, MessagesRepairer, repair_messages_json
 from .responses import ResponsesRepairer, repair_responses_json
 
 __all__ = [
@@ -92,6 +92,7 @@ __all__ = [
     "MessagesRepairer",
     "ResponsesRepairer",
     "StreamRepairer",
+    "may_need_json_repair",
     "repair_json_response",
     "stream_repairer_for",
     "tool_choice_forced",
@@ -109,6 +110,25 @@ _JSON = {
 }
 
 
+# What a repairable JSON body must contain: each repairer above only touches tool calls, and
+# these are the keys or type values it finds them by.
+_JSON_MARKERS = {
+    "chat_completions": (b'"tool_calls"',),
+    "responses": (b'"function_call"',),
+    "messages": tuple(f'"{t}"'.encode() for t in sorted(TOOL_BLOCK_TYPES)),
+}
+
+
+def may_need_json_repair(endpoint: str, body: bytes) -> bool:
+    """False when ``body`` certainly holds nothing to repair: no tool-call marker in its text.
+    A substring test instead of parsing every JSON response; a ``\\u`` escape could spell a
+    marker, so a body with one is always parsed."""
+    markers = _JSON_MARKERS.get(endpoint)
+    if markers is None:
+        return False
+    return b"\\u" in body or any(marker in body for marker in markers)
+
+
 def stream_repairer_for(endpoint: str, request_json: dict[str, Any] | None) -> StreamRepairer | None:
     """A fresh repairer for one streamed response of ``endpoint``; None for other endpoints."""
     cls = _STREAM.get(endpoint)
@@ -120,7 +140,7 @@ def repair_json_response(
 ) -> tuple[bytes | None, Counter[str]]:
     """Repair a non-streamed JSON response: (new body, or None if unchanged; repairs)."""
     fix = _JSON.get(endpoint)
-    if fix is None or not body:
+    if fix is None or not body or not may_need_json_repair(endpoint, body):
         return None, Counter()
     try:
         obj = json.loads(body)

@@ -12,7 +12,7 @@ from ._base import StreamRepairer
 from ._json import JsonProgress, arguments_text, is_int, same_json, short_hash
 from ._shapes import HoleValues
 
-_TOOL_BLOCKS = ("tool_use", "server_tool_use", "mcp_tool_use")
+TOOL_BLOCK_TYPES = ("tool_use", "server_tool_use", "mcp_tool_use")
 _WANTED = frozenset({"message_start", "content_block_start", "message_delta"})
 _PARTIAL_JSON = b"partial_json"
 
@@ -90,7 +90,7 @@ class MessagesRepairer(StreamRepairer):
             changed = True
         self._last_index = index
         block = obj.get("content_block")
-        if not isinstance(block, dict) or block.get("type") not in _TOOL_BLOCKS:
+        if not isinstance(block, dict) or block.get("type") not in TOOL_BLOCK_TYPES:
             self._blocks.pop(index, None)
             return changed
         if block.get("type") == "tool_use":
@@ -166,7 +166,7 @@ def repair_messages_json(
     tool_use = False
     seen: set[str] = set()
     for n, block in enumerate(content if isinstance(content, list) else ()):
-        if not isinstance(block, dict) or block.get("type") not in _TOOL_BLOCKS:
+        if not isinstance(block, dict) or block.get("type") not in TOOL_BLOCK_TYPES:
             continue
         if block.get("type") == "tool_use":
             tool_use = True
