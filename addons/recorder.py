@@ -9,8 +9,9 @@ mid-write is cut off before the next append, so the file stays readable.
 
 Two processes share the work, so that a response never waits for its recording. On
 mitmproxy's event loop the addon only takes a snapshot of the finished flow (its state, with
-metadata as plain data and the states of keep-alive connections reused; the names and values of
-its secret headers; the captured stream) and writes it, pickled, to a pipe: about 0.1 ms. A
+metadata as plain data and connections named by id, their states sent once per connection; the
+names and values of its secret headers; the captured stream) and writes it, pickled, to a pipe:
+well under 0.1 ms, and only after the hook has returned, so the response is already on its way. A
 long-lived child process, the recording writer (this file run with ``--writer``, started when
 mitmdump is running), rebuilds the flow, redacts, serialises and appends it: the ~0.7 ms of CPU
 per flow this took on the event loop, in the path of every response, before the split. The
@@ -66,7 +67,16 @@ from mitmproxy.net import encoding
 from glue import current_config
 from guard import current_secrets, session_of
 from llmitm import flowmeta
-from llmitm.childproc import WAIT_TIMEOUT, Child, LogRelay, Message, Replies, frame, read_frames
+from llmitm.childproc import (
+    WAIT_TIMEOUT,
+    Child,
+    LogRelay,
+    Message,
+    Replies,
+    frame,
+    read_frames,
+    running_loop,
+)
 from llmitm.recording import (
     SLACK,
     TRUNCATED,
@@ -87,7 +97,7 @@ logger = logging.getLogger(__name__)
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes waiting in mitmdump for the writer; beyond: drop flows
 BATCH_PAUSE = 0.1  # the writer's pause after a read: flows are written in batches (see _frames)
 QUICK_DEATH = 10.0  # a writer that dies this soon after its start, three times: write in-process
-_COOKIE_HEADERS = frozenset({"cookie", "set-cookie"})
+_COOKIE_HEADERS = frozenset({b"cookie", b"set-cookie"})
 
 # Messages are tuples of plain data (no class of ours: the writer runs this file as __main__).
 # To the writer: ("secrets", values, names), ("flow", path, state, injected, values, captured,
@@ -230,46 +240,100 @@ class _Held:
         self.state = state
 
 
-_Known = tuple[tuple[Any, ...], dict[str, Any]]  # a connection's fields, and its state
+_Getter = Callable[[Any], tuple[Any, ...]]
+
+
+def _field_getters(conn: connection.Connection) -> tuple[_Getter, _Getter]:
+    """Getters of a connection class's fields: the plain ones, and the sequences (lists may
+    change in place, so they are compared as copies)."""
+    fields = dataclasses.fields(conn)
+    sequences = [f.name for f in fields if "Sequence[" in str(f.type) or "list[" in str(f.type)]
+    plain = [f.name for f in fields if f.name not in sequences]
+
+    def getter(names: list[str]) -> _Getter:
+        if len(names) == 1:  # attrgetter of one name gives the value, not a 1-tuple
+            name = names[0]
+            return lambda obj: (getattr(obj, name),)
+        return attrgetter(*names) if names else (lambda _obj: ())
+
+    return getter(plain), getter(sequences)
 
 
 class _ConnStates:
-    """``get_state()`` of connections, kept per connection while its fields stay the same: a
-    keep-alive connection serves many flows, and its state (TLS details, certificates) is most
-    of a flow's. ``get_state`` depends on the fields only, so equal fields give an equal state
-    (lists are compared as copies: one appended to in place counts as changed)."""
+    """The addon's side of the connection states: ``get_state()`` of each live connection, kept
+    while its fields stay the same (a keep-alive connection serves many flows, and its state,
+    TLS details and certificates, is most of a flow's; ``get_state`` depends on the fields only,
+    so equal fields give an equal state; lists are compared as copies: one appended to in place
+    counts as changed), and which of them the writer holds. A flow's state names its
+    connections by id; a connection's state crosses the pipe only when the writer does not hold
+    it yet (new, changed, or a new writer), and the writer forgets it when the connection is
+    gone. Pickling it again with every flow cost more than the rest of the flow."""
 
     def __init__(self) -> None:
-        self._known: weakref.WeakKeyDictionary[connection.Connection, _Known] = weakref.WeakKeyDictionary()
-        self._getters: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+        self._fields: dict[str, tuple[Any, ...]] = {}  # by connection id
+        self._states: dict[str, dict[str, Any]] = {}
+        self._sent: set[str] = set()  # ids whose current state the writer holds
+        self._gone: list[str] = []  # ids of connections collected since the last take_gone()
+        self._getters: dict[type, tuple[_Getter, _Getter]] = {}
 
-    def state(self, conn: connection.Connection) -> dict[str, Any]:
-        getter = self._getters.get(type(conn))
-        if getter is None:
-            names = [f.name for f in dataclasses.fields(conn)]
-            getter = self._getters[type(conn)] = attrgetter(*names)
-        fields = tuple(tuple(v) if isinstance(v, list) else v for v in getter(conn))
-        known = self._known.get(conn)
-        if known is not None and known[0] == fields:
-            return known[1]
-        state = conn.get_state()
-        self._known[conn] = (fields, state)
-        return state
+    def reference(self, conn: connection.Connection) -> str:
+        """``conn``'s id, its state taken (again) if its fields changed."""
+        getters = self._getters.get(type(conn))
+        if getters is None:
+            getters = self._getters[type(conn)] = _field_getters(conn)
+        scalars, sequences = getters
+        fields = (scalars(conn), tuple(None if v is None else tuple(v) for v in sequences(conn)))
+        cid = conn.id
+        known = self._fields.get(cid)
+        if known is None:
+            weakref.finalize(conn, self._gone.append, cid)
+        elif known == fields:
+            return cid
+        self._fields[cid] = fields
+        self._states[cid] = conn.get_state()
+        self._sent.discard(cid)
+        return cid
+
+    def state(self, cid: str) -> dict[str, Any]:
+        return self._states[cid]
+
+    def unsent(self, ids: Iterable[str]) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """The states of ``ids`` the writer does not hold, now counted as held."""
+        fresh = tuple((cid, self._states[cid]) for cid in dict.fromkeys(ids) if cid not in self._sent)
+        self._sent.update(cid for cid, _ in fresh)
+        return fresh
+
+    def take_gone(self) -> tuple[str, ...]:
+        """Ids of the connections collected since the last call: the writer may forget them."""
+        gone: list[str] = []
+        while self._gone:  # pop by pop: a finalizer may append meanwhile
+            gone.append(self._gone.pop())
+        for cid in gone:
+            self._fields.pop(cid, None)
+            self._states.pop(cid, None)
+            self._sent.discard(cid)
+        return tuple(gone)
+
+    def none_sent(self) -> None:
+        """A new writer holds no state: every connection's goes with its next flow."""
+        self._sent.clear()
 
 
-def _state_of(flow: http.HTTPFlow, conns: _ConnStates | None = None) -> dict[str, Any]:
+def _state_of(flow: http.HTTPFlow, conns: _ConnStates) -> dict[str, Any]:
     """The flow's state, sharing nothing the writer may change with the live flow: metadata is
     taken apart by ``_plain`` (new containers, so no deep copy; it also copes with values that
-    deepcopy or pickle refuse), connection states come from ``conns`` (only pickled)."""
-    conns = conns or _ConnStates()
+    deepcopy or pickle refuse); the connections are their ids in ``conns`` (the writer puts
+    their states back: ``_WriterConns.resolve``)."""
     client, server, metadata = flow.client_conn, flow.server_conn, flow.metadata
-    flow.client_conn = cast(connection.Client, _Held(conns.state(client)))
-    flow.server_conn = cast(connection.Server, _Held(conns.state(server)))
+    flow.client_conn = cast(connection.Client, _Held(None))
+    flow.server_conn = cast(connection.Server, _Held(None))
     flow.metadata = {}
     try:
         state = flow.get_state()
     finally:
         flow.client_conn, flow.server_conn, flow.metadata = client, server, metadata
+    state["client_conn"] = conns.reference(client)
+    state["server_conn"] = conns.reference(server)
     state["metadata"] = {str(k): _plain(v, None) for k, v in metadata.items()}
     state["backup"] = None  # an edited flow's backup holds the unredacted original
     return state
@@ -288,15 +352,18 @@ def _injected_names(flow: http.HTTPFlow) -> frozenset[str]:
 
 def _flow_values(flow: http.HTTPFlow, names: frozenset[str], injected: frozenset[str]) -> set[str]:
     """Values of this flow's secret headers (the client's own key, payment payloads, injected
-    headers), to be redacted wherever else they appear in the flow."""
+    headers), to be redacted wherever else they appear in the flow. ``names`` (lower case)
+    and ``injected``: the secret header names. Read from the raw fields: this runs per flow."""
+    secret = {n.encode() for n in names | injected}
     out: set[str] = set()
     for message in (flow.request, flow.response):
         if message is None:
             continue
-        for name, value in message.headers.items(multi=True):
+        for name, raw in message.headers.fields:
             lname = name.lower()
-            if lname not in names and lname not in injected:
+            if lname not in secret:
                 continue
+            value = raw.decode("utf-8", "surrogateescape")
             out.add(value)
             if lname in _COOKIE_HEADERS:
                 for part in value.split(";"):
@@ -432,10 +499,30 @@ class _Dumper:
         return data
 
 
+class _WriterConns:
+    """The writer's side of ``_ConnStates``: the states it was handed, by connection id."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, dict[str, Any]] = {}
+
+    def update(self, fresh: Iterable[tuple[str, dict[str, Any]]], gone: Iterable[str]) -> None:
+        for cid in gone:
+            self._states.pop(cid, None)
+        self._states.update(fresh)
+
+    def resolve(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` (from ``_state_of``) with its connections' states in place of their ids."""
+        for key in _CONNS:
+            if isinstance(state.get(key), str):
+                state[key] = self._states[state[key]]
+        return state
+
+
 class _Writer:
     """What the recording writer does with each message (in the child; in-process as a fallback)."""
 
     def __init__(self, synced: Callable[[int], None] = lambda _n: None) -> None:
+        self._conns = _WriterConns()
         self._files = RecordingFiles()
         self._dumper = _Dumper()
         self._secrets = SecretSet(header_names=PAYMENT_HEADERS)
@@ -447,6 +534,8 @@ class _Writer:
         kind = message[0]
         if kind == "flow":
             self._record(*message[1:])
+        elif kind == "conns":
+            self._conns.update(message[1], message[2])
         elif kind == "secrets":
             _, values, names = message
             # The names already hold the always-secret ones: the same set as
@@ -476,7 +565,7 @@ class _Writer:
                 values: tuple[str, ...], captured: tuple[Any, ...] | None, max_body: int) -> None:
         try:
             secrets = self._secrets_with(frozenset(values)) if values else self._secrets
-            copy = redacted_copy(state, secrets, max_body, frozenset(injected),
+            copy = redacted_copy(self._conns.resolve(state), secrets, max_body, frozenset(injected),
                                  Captured(*captured) if captured is not None else None)
             self._files.append(Path(path), self._dumper.dumps(copy.get_state()))
         except Exception as e:  # one bad flow never stops the others; name the file, never the content
@@ -525,6 +614,7 @@ class Recorder:
     def __init__(self) -> None:
         self._captures: weakref.WeakKeyDictionary[http.HTTPFlow, _Capture] = weakref.WeakKeyDictionary()
         self._written: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._due: list[http.HTTPFlow] = []  # finished flows recorded in the next loop iteration
         self._conns = _ConnStates()
         self._paths: dict[tuple[str, str, int], str] = {}
         self._dir: str | None = None
@@ -592,15 +682,16 @@ class Recorder:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:  # a WebSocket flow is recorded when it ends
-            self.record(flow)
+            self._record_soon(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.record(flow)
+        self._record_soon(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self.record(flow)
+        self._record_soon(flow)
 
     def done(self) -> None:
+        self._record_due()
         self._caught_up()
         child, self._child = self._child, None
         if child is not None:
@@ -609,6 +700,23 @@ class Recorder:
             self._local.close()
 
     # -- handing flows to the writer ---------------------------------------------------------
+    def _record_soon(self, flow: http.HTTPFlow) -> None:
+        """Record ``flow`` once the event loop is done with this hook: mitmproxy sends the
+        response on as soon as the hook returns, so the snapshot is never in its way (nothing
+        changes a finished flow in between). Without a running loop, at once."""
+        loop = running_loop()
+        if loop is None:
+            self.record(flow)
+            return
+        self._due.append(flow)
+        if len(self._due) == 1:
+            loop.call_soon(self._record_due)
+
+    def _record_due(self) -> None:
+        due, self._due = self._due, []
+        for flow in due:
+            self.record(flow)
+
     def record(self, flow: http.HTTPFlow) -> None:
         """Snapshot a finished flow and hand it to the writer (never blocks the event loop)."""
         config = current_config().record
@@ -621,15 +729,16 @@ class Recorder:
             self._refresh_secrets()
             injected = _injected_names(flow)
             values = _flow_values(flow, self._names, injected) - self._values
+            state = _state_of(flow, self._conns)
             message: Message = (
-                "flow", path, _state_of(flow, self._conns), tuple(injected), tuple(values),
+                "flow", path, state, tuple(injected), tuple(values),
                 tuple(capture.snapshot()) if capture is not None else None, config.max_body,
             )
             if config.dir != self._dir:
                 if self._dir is not None:
                     self._deliver(("close",), force=True)  # files of the old directory
                 self._dir = config.dir
-            sent = self._deliver(message)
+            sent = self._deliver(message, conn_ids=(state["client_conn"], state["server_conn"]))
         except Exception as e:  # never break the flow; name the file, never the content
             key = f"{path}:{type(e).__name__}"
             if key not in self._failed:
@@ -647,6 +756,7 @@ class Recorder:
     def flush(self, timeout: float = WAIT_TIMEOUT) -> bool:
         """Block until every flow handed over so far is written (to the files, not fsync'd);
         False on timeout or when the writer died. For tests and tools: it blocks the caller."""
+        self._record_due()
         child = self._child
         if child is None or not child.alive:
             return child is None
@@ -672,15 +782,18 @@ class Recorder:
             self._values = frozenset(v for v in config_secrets.values if v and not is_marker(v))
             self._generation = generation
 
-    def _deliver(self, message: Message, force: bool = False) -> bool:
-        """Hand ``message`` to the writer (preceded by the secrets when they changed); False
-        when dropped because the writer is too far behind."""
+    def _deliver(self, message: Message, force: bool = False, conn_ids: tuple[str, ...] = ()) -> bool:
+        """Hand ``message`` to the writer, preceded by the secrets when they changed and by the
+        states of the connections ``conn_ids`` it does not hold yet; False when dropped
+        because the writer is too far behind."""
         parts = frame(message)
         for _ in range(2):  # a writer found dead is replaced once, and gets the message again
             child = self._writer()
+            conns = self._conns.unsent(conn_ids), self._conns.take_gone()
             if child is None:
                 assert self._local is not None
-                # A copy, as the child would get: states may share connection parts with _conns.
+                # Copies, as the child would get: states are shared with _conns and the flow.
+                self._local.handle(pickle.loads(frame(("conns", *conns))[1]))
                 self._local.handle(pickle.loads(parts[1]))
                 return True
             if self._child_generation != self._generation:
@@ -688,6 +801,8 @@ class Recorder:
                 if child.send(frame(secrets), force=True) != "sent":
                     continue
                 self._child_generation = self._generation
+            if any(conns) and child.send(frame(("conns", *conns)), force=True) != "sent":
+                continue  # died: the next writer gets every state again
             status = child.send(parts, force)
             if status != "dead":
                 return status == "sent"
@@ -718,8 +833,10 @@ class Recorder:
                              "in-process, on the event loop", type(e).__name__)
                 self._local = _Writer()
                 self._child_generation = -1
+                self._conns.none_sent()
                 return self._writer()
             self._child_generation = -1
+            self._conns.none_sent()
         return child
 
     def _relayed(self, message: Message) -> None:

@@ -5,8 +5,10 @@ blocking the event loop, surviving mitmdump), the guard's findings."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy import http, io
@@ -358,20 +361,54 @@ def test_writer_bytes_are_flowwriter_bytes() -> None:
     FlowWriter writes for the same flow; a connection that changed is taken again."""
     flow = openai_flow()
     conns = recorder_module._ConnStates()
+    held = recorder_module._WriterConns()
     dumper = recorder_module._Dumper()
     nothing = SecretSet(always_redacted=False)  # redaction changes nothing: same bytes expected
-    for _ in range(2):  # the second time from the caches
+
+    def snapshot() -> tuple[dict[str, Any], int]:
+        """The state the writer rebuilds, and how many connection states crossed the pipe."""
         state = recorder_module._state_of(flow, conns)
+        fresh = conns.unsent([state["client_conn"], state["server_conn"]])
+        held.update(*pickle.loads(pickle.dumps((fresh, conns.take_gone()))))
+        return held.resolve(pickle.loads(pickle.dumps(state))), len(fresh)
+
+    for sent in (2, 0):  # the second time from the caches: no connection state is sent again
+        state, fresh = snapshot()
+        assert fresh == sent
+        assert state["client_conn"] == flow.client_conn.get_state()
         reference = serialize(http.HTTPFlow.from_state(copy.deepcopy(state)))
         written = recorder_module.redacted_copy(state, nothing, 100_000)
         assert dumper.dumps(written.get_state()) == serialize(written) == reference
     flow.server_conn.timestamp_end = 1_700_000_123.0
     flow.server_conn.alpn_offers = [b"h2"]
-    state = recorder_module._state_of(flow, conns)
+    state, fresh = snapshot()
+    assert fresh == 1  # the server connection changed
     assert state["server_conn"]["timestamp_end"] == 1_700_000_123.0
     assert state["server_conn"]["alpn_offers"] == flow.server_conn.get_state()["alpn_offers"]
     got = recorder_module.redacted_copy(copy.deepcopy(state), nothing, 100_000)
     assert dumper.dumps(got.get_state()) == serialize(http.HTTPFlow.from_state(state))
+    conns.none_sent()  # a new writer: both go again
+    assert snapshot()[1] == 2
+
+
+def test_writer_forgets_collected_connections() -> None:
+    """A connection's state leaves both sides' tables once the connection is collected."""
+    conns = recorder_module._ConnStates()
+    held = recorder_module._WriterConns()
+    flow = openai_flow()
+    state = recorder_module._state_of(flow, conns)
+    ids = (state["client_conn"], state["server_conn"])
+    held.update(conns.unsent(ids), conns.take_gone())
+    assert conns.take_gone() == ()
+    del flow, state
+    gc.collect()
+    gone = conns.take_gone()
+    assert sorted(gone) == sorted(ids)
+    held.update((), gone)
+    with pytest.raises(KeyError):
+        held.resolve({"client_conn": ids[0]})
+    with pytest.raises(KeyError):
+        conns.state(ids[0])
 
 
 def test_in_process_when_no_writer_can_run(tmp_path: Path, recorder: Recorder,
