@@ -179,7 +179,7 @@ class Guard:
             message.drop()
 
     def response(self, flow: http.HTTPFlow) -> None:
-        checker = self._scrub.pop(flow, None)
+        checker = self._scrub.pop(flow, None) if self._scrub else None  # no weakref made: usually empty
         if checker is not None:
             self._scrub_url(flow, checker)
 

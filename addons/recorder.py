@@ -724,7 +724,7 @@ class Recorder:
             return
         self._written.add(flow)
         path = self._path(config.dir, session_of(flow), flow.timestamp_created)
-        capture = self._captures.pop(flow, None)
+        capture = self._captures.pop(flow, None) if self._captures else None
         try:
             self._refresh_secrets()
             injected = _injected_names(flow)

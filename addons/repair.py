@@ -81,7 +81,7 @@ class Repair:
             self._streams[flow] = repairer
 
     def response(self, flow: http.HTTPFlow) -> None:
-        repairer = self._streams.pop(flow, None)
+        repairer = self._streams.pop(flow, None) if self._streams else None
         if repairer is not None:
             self._report(flow, repairer.repairs)
             return
@@ -100,7 +100,7 @@ class Repair:
         self._report(flow, repairs)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        repairer = self._streams.pop(flow, None)
+        repairer = self._streams.pop(flow, None) if self._streams else None
         if repairer is not None:
             self._report(flow, repairer.repairs)
 

@@ -245,7 +245,8 @@ class LeakChecker:
                     continue
                 entry = needles.setdefault(needle, (canonical, []))
                 entry[1].append(s)
-        self._by_value = {v: tuple(c) for v, c in by_value.items()}
+        # value -> (its marker, the secrets with it): markers made once, not per request
+        self._by_value = {v: (redacted(v), tuple(c)) for v, c in by_value.items()}
         self._by_digest = {d: tuple(c) for d, c in by_digest.items()}
         self._needles = {n: (redacted(c), tuple(ss)) for n, (c, ss) in needles.items()}
         self._needles_b = {n.encode("utf-8", "surrogateescape"): v for n, v in self._needles.items()}
@@ -373,15 +374,13 @@ class LeakChecker:
         exact_hit: set[int] = set()
         by_value = self._by_value
         for i, (name, value) in enumerate(headers):
-            cands = by_value.get(value)
-            if cands is None:
+            known = by_value.get(value)
+            if known is None:
                 token = bare_token(value) if " " in value else None
-                cands = by_value.get(token) if token is not None else None
-                if cands is None:
+                known = by_value.get(token) if token is not None else None
+                if known is None:
                     continue
-                marker = redacted(token or value)
-            else:
-                marker = redacted(value)
+            marker, cands = known
             exact_hit.add(i)
             finding = self._judge_header(name, marker, cands, req)
             if finding is not None:

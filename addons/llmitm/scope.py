@@ -7,6 +7,7 @@ matcher the guard uses to decide where it must not be.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -43,13 +44,11 @@ class Scope:
         _, sep, tail = self.host.rpartition(":")
         return bool(sep) and bool(tail) and "]" not in tail
 
-    @classmethod
-    def parse(cls, text: str) -> Scope:
-        text = text.strip()
-        if "://" in text:
-            text = text.split("://", 1)[1]
-        host, sep, rest = text.partition("/")
-        return cls(host.lower() or "*", "/" + rest if sep else None)
+    @staticmethod
+    def parse(text: str) -> Scope:
+        """Compiled once per text: scopes are immutable, and the guard reads the scope of every
+        injected header back from the flow's metadata on every request."""
+        return _parse(text)
 
     def matches_host(self, host: str, port: int | None = None) -> bool:
         if self._host_re.match(host) is None:
@@ -66,3 +65,12 @@ class Scope:
 
     def __str__(self) -> str:
         return self.host + (self.path or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(text: str) -> Scope:
+    text = text.strip()
+    if "://" in text:
+        text = text.split("://", 1)[1]
+    host, sep, rest = text.partition("/")
+    return Scope(host.lower() or "*", "/" + rest if sep else None)
