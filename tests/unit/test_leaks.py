@@ -442,6 +442,7 @@ def test_configured_placement_is_never_a_finding(
 ) -> None:
     assume(secret.encode() not in body)
     assume(all(secret not in v for _, v in other))
+    assume(secret not in path)  # a secret in the URL is a finding wherever it may be sent
     s = KnownSecret(
         origin="o",
         value=f"Bearer {secret}",
