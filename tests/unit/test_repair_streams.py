@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from llmitm.repair import stream_repairer_for
+from llmitm.repair._json import Fragments
 from llmitm.sse import SSEParser
 from tests.accumulate import (
     StreamMismatch,
@@ -480,3 +481,17 @@ def test_works_as_a_stream_pipeline_stage() -> None:
     out += pipeline(b"")
     assert all(out) and b"".join(out) == b"".join(seen) == run_repair("chat_completions", body)[0]
     assert repairer.repairs == {"index_collision": 2} and repairer.upstream_changed
+
+
+def test_fragments_join_lazily_and_know_when_blank() -> None:
+    args = Fragments()
+    assert args.blank and args.text == ""
+    for piece in ("", " \n", "\t"):
+        args.add(piece)
+    assert args.blank and args.text == " \n\t"
+    args.add('{"a"')
+    assert not args.blank
+    args.add(": 1}")
+    assert args.text == ' \n\t{"a": 1}' and args.text == ' \n\t{"a": 1}'  # read twice: joined once
+    args.add(" ")
+    assert args.text.endswith("} ") and not Fragments("x").blank and Fragments("  ").blank

@@ -37,6 +37,34 @@ def short_hash(*parts: object) -> str:
     return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+class Fragments:
+    """Text that grows fragment by fragment: a tool call's arguments. ``s += t`` on an attribute
+    copies all of ``s`` every time (CPython grows only a local variable in place), quadratic over
+    the thousands of fragments of a long call; fragments are kept and joined when the text is
+    read. ``blank``: no text but whitespace so far (what the repairs ask on every fragment)."""
+
+    __slots__ = ("_parts", "_text", "blank")
+
+    def __init__(self, text: str = "") -> None:
+        self._text = text
+        self._parts: list[str] = []
+        self.blank = not text.strip()
+
+    def add(self, fragment: str) -> None:
+        if fragment:
+            self._parts.append(fragment)
+            if self.blank and not fragment.isspace():
+                self.blank = False
+
+    @property
+    def text(self) -> str:
+        if self._parts:
+            self._parts.insert(0, self._text)
+            self._text = "".join(self._parts)
+            self._parts = []
+        return self._text
+
+
 class JsonProgress:
     """Tracks whether streamed text has completed one top-level JSON object or array.
 

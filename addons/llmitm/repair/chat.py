@@ -16,6 +16,7 @@ from llmitm.sse import Frame
 
 from ._base import StreamRepairer
 from ._json import (
+    Fragments,
     JsonProgress,
     arguments_text,
     is_int,
@@ -78,11 +79,11 @@ class _Call:
         self.id = ""
         self.id_invented = False
         self.name = ""
-        self.args = ""
+        self.args = Fragments()
         self.progress = JsonProgress()
 
     def add_args(self, text: str) -> None:
-        self.args += text
+        self.args.add(text)
         self.progress.feed(text)
 
 
@@ -218,7 +219,7 @@ class ChatRepairer(StreamRepairer):
                     args is not None
                     and known.progress.complete
                     and starts_value(args)
-                    and not same_json(args, known.args)
+                    and not same_json(args, known.args.text)
                 ):
                     return None, "concatenated_call"
                 return known, None
@@ -242,14 +243,14 @@ class ChatRepairer(StreamRepairer):
             and name
             and current.name
             and name != current.name
-            and current.args.strip()
+            and not current.args.blank
         ):
             return None, collision
         if (
             args is not None
             and current.progress.complete
             and starts_value(args)
-            and not same_json(args, current.args)
+            and not same_json(args, current.args.text)
         ):
             return None, "concatenated_call"
         return current, None
@@ -308,7 +309,7 @@ class ChatRepairer(StreamRepairer):
         if has_args:
             if (
                 plain and not new and why is None and args_fix is None
-                and changed == (up != call.index) and call.args.strip() and not call.progress.complete
+                and changed == (up != call.index) and not call.args.blank and not call.progress.complete
                 and (state.by_upstream.get(up) if up is not None else state.calls[-1]) is call
             ):
                 # a plain argument fragment (maybe with a client index to set): frames of its
@@ -322,13 +323,13 @@ class ChatRepairer(StreamRepairer):
                 self._note(args_fix)
                 fn["arguments"] = args
                 changed = True
-            if not call.args.strip():
+            if call.args.blank:
                 inner = unwrap_double_encoded(args)
                 if inner is not None:
                     self._note("double_encoded_arguments")
                     fn["arguments"] = args = inner
                     changed = True
-            elif call.progress.complete and args.strip() and same_json(args, call.args):
+            elif call.progress.complete and args.strip() and same_json(args, call.args.text):
                 self._note("duplicate_arguments")
                 fn["arguments"] = args = ""
                 changed = True
@@ -404,7 +405,7 @@ class ChatRepairer(StreamRepairer):
             del fn["name"]
             self._note("empty_name")
             return True
-        if call.name and (name == call.name or call.args.strip()):
+        if call.name and (name == call.name or not call.args.blank):
             # repeated, or (same id, arguments under way) contradicting: keep the first
             del fn["name"]
             self._note("repeated_name")
@@ -431,7 +432,7 @@ class ChatRepairer(StreamRepairer):
             return False
         changed = False
         if state.calls and reason not in _NO_ARG_FIX_FINISH:
-            missing = [c for c in state.calls if c.type == "function" and not c.args.strip()]
+            missing = [c for c in state.calls if c.type == "function" and c.args.blank]
             if missing:
                 delta = choice.get("delta")
                 if not isinstance(delta, dict):
@@ -459,7 +460,7 @@ class ChatRepairer(StreamRepairer):
             if not state.calls or state.finish is not None:
                 continue
             delta: dict[str, Any] = {}
-            missing = [c for c in state.calls if c.type == "function" and not c.args.strip()]
+            missing = [c for c in state.calls if c.type == "function" and c.args.blank]
             if missing:
                 delta["tool_calls"] = [
                     {"index": c.index, "function": {"arguments": "{}"}} for c in missing

@@ -9,7 +9,7 @@ from typing import Any
 from llmitm.sse import Frame
 
 from ._base import StreamRepairer
-from ._json import JsonProgress, arguments_text, is_int, same_json, short_hash
+from ._json import Fragments, JsonProgress, arguments_text, is_int, same_json, short_hash
 from ._shapes import HoleValues
 
 TOOL_BLOCK_TYPES = ("tool_use", "server_tool_use", "mcp_tool_use")
@@ -21,7 +21,7 @@ class _Block:
     __slots__ = ("args", "progress")
 
     def __init__(self) -> None:
-        self.args = ""
+        self.args = Fragments()
         self.progress = JsonProgress()
 
 
@@ -128,14 +128,14 @@ class MessagesRepairer(StreamRepairer):
             changed = True
         if block is None:
             return changed
-        if block.progress.complete and text.strip() and same_json(text, block.args):
+        if block.progress.complete and text.strip() and same_json(text, block.args.text):
             delta["partial_json"] = text = ""
             self._note("duplicate_arguments")
             changed = True
         elif not changed and frame_named and is_int(index) and not block.progress.complete:
             # a plain delta of a known block: frames of its shape take the fast path
             self._admit = _Continuation(block, index, text)
-        block.args += text
+        block.args.add(text)
         block.progress.feed(text)
         return changed
 
@@ -148,7 +148,7 @@ class MessagesRepairer(StreamRepairer):
         if self._blocks.get(state.index) is not block or block.progress.complete:
             return False
         text: str = values[_PARTIAL_JSON]  # type: ignore[assignment]  # a string hole
-        block.args += text
+        block.args.add(text)
         block.progress.feed(text)
         return True
 

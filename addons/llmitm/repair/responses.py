@@ -13,7 +13,7 @@ from typing import Any
 from llmitm.sse import Frame
 
 from ._base import StreamRepairer
-from ._json import arguments_text, is_int, short_hash
+from ._json import Fragments, arguments_text, is_int, short_hash
 from ._shapes import HoleValues
 
 _INTERESTING = frozenset(
@@ -46,7 +46,7 @@ class _Item:
         self.call_id: str = call_id if isinstance(call_id, str) else ""
         name = item.get("name")
         self.name: str = name if isinstance(name, str) else ""
-        self.args = ""  # as streamed to the client so far
+        self.args = Fragments()  # as streamed to the client so far
         self.final_args: str | None = None
         self.done = False
 
@@ -145,7 +145,7 @@ class ResponsesRepairer(StreamRepairer):
         if "arguments" not in item:
             fix = "missing_arguments"
         if not args.strip():
-            args = state.args if state is not None and state.args.strip() else "{}"
+            args = state.args.text if state is not None and not state.args.blank else "{}"
             self._note(fix or "missing_arguments")
             changed = True
         elif fix is not None:
@@ -157,19 +157,20 @@ class ResponsesRepairer(StreamRepairer):
 
     def _catch_up(self, state: _Item, target: str, obj: dict[str, Any]) -> None:
         """The client has seen fewer argument deltas than the final arguments: send the rest."""
-        if state.args == target or not target.startswith(state.args):
+        sent = state.args.text
+        if sent == target or not target.startswith(sent):
             return
         delta: dict[str, Any] = {
             "type": "response.function_call_arguments.delta",
             "item_id": state.item_id,
             "output_index": state.output_index,
-            "delta": target[len(state.args) :],
+            "delta": target[len(sent) :],
         }
         if self._seq is not None:
             delta["sequence_number"] = self._seq
         self._before.append(self._synth(delta, delta["type"]))
         self._note("missing_arguments_delta")
-        state.args = target
+        state.args = Fragments(target)
 
     # --- event handlers -------------------------------------------------------------------
 
@@ -199,7 +200,7 @@ class ResponsesRepairer(StreamRepairer):
             item["arguments"] = args
             changed = True
         state = _Item(oi, copy.deepcopy(item))
-        state.args = item["arguments"]
+        state.args = Fragments(item["arguments"])
         self._by_index[oi] = state
         if state.item_id:
             self._by_id[state.item_id] = state
@@ -217,7 +218,7 @@ class ResponsesRepairer(StreamRepairer):
         elif not changed and self._found_by_id(obj, state):
             # a plain delta of a call found by its id: frames of its shape take the fast path
             self._admit = _Continuation(state, state.item_id, obj["delta"], self._seq)
-        state.args += obj["delta"]
+        state.args.add(obj["delta"])
         return changed
 
     def _found_by_id(self, obj: dict[str, Any], state: _Item) -> bool:
@@ -235,7 +236,7 @@ class ResponsesRepairer(StreamRepairer):
         text = values[_DELTA]
         assert isinstance(text, str)  # a string hole
         self._seq = values.get(_SEQ, state.seq)
-        item.args += text
+        item.args.add(text)
         return True
 
     def _args_done(self, obj: dict[str, Any]) -> bool:
@@ -247,7 +248,7 @@ class ResponsesRepairer(StreamRepairer):
             self._note(fix)
             changed = True
         if not args.strip():
-            args = state.args if state.args.strip() else "{}"
+            args = state.args.text if not state.args.blank else "{}"
             self._note("missing_arguments")
             changed = True
         if changed:
@@ -295,7 +296,7 @@ class ResponsesRepairer(StreamRepairer):
             if state.done:
                 continue
             item = copy.deepcopy(state.added)
-            item["arguments"] = state.final_args or state.args
+            item["arguments"] = state.final_args or state.args.text
             item["status"] = "completed" if kind == "response.completed" else "incomplete"
             self._fix_item(item, state)
             self._catch_up(state, item["arguments"], obj)
