@@ -82,9 +82,11 @@ from llmitm.recording import (
     TRUNCATED,
     UPSTREAM_ORIGINAL_BODY,
     UPSTREAM_ORIGINAL_TIMING,
+    RawEnds,
     RecordingFiles,
     StreamCapture,
     captured_from_log,
+    merged_ends,
     recording_path,
     timing_of,
 )
@@ -110,9 +112,9 @@ class Captured(NamedTuple):
     (else None), each with its chunk ends ``(seconds, offset)``. Plain data: it crosses the pipe."""
 
     client_body: bytes
-    client_ends: list[tuple[float, int]]
+    client_ends: RawEnds
     upstream_body: bytes | None = None
-    upstream_ends: list[tuple[float, int]] | None = None
+    upstream_ends: RawEnds | None = None
 
 
 class _Capture:
@@ -136,10 +138,10 @@ class _Capture:
     def snapshot(self) -> Captured:
         """What the writer needs, taken now: the stages stay behind with the live flow."""
         if self.log is not None:
-            return Captured(*captured_from_log(self.log.entries, self.start,
+            return Captured(*captured_from_log(self.log, self.start,
                                                self.upstream and self.upstream_changed))
         assert self.client is not None
-        return Captured(self.client.body, list(self.client.ends))
+        return Captured(self.client.body, self.client.raw_ends)
 
 
 # -- redaction of a flow copy ------------------------------------------------------------------
@@ -408,7 +410,8 @@ def redacted_copy(
         if resp.trailers:
             resp.trailers = _redact_headers(resp.trailers, secrets, ())
         if captured is not None and resp.raw_content is None:
-            cut, timing = _redact_body(resp, secrets, max_body, captured.client_body, captured.client_ends)
+            cut, timing = _redact_body(resp, secrets, max_body, captured.client_body,
+                                       merged_ends(captured.client_ends))
         else:
             cut, _ = _redact_body(resp, secrets, max_body, resp.raw_content)
         if cut is not None:
@@ -418,7 +421,8 @@ def redacted_copy(
             if "content-encoding" in resp.headers:
                 holder.headers["content-encoding"] = resp.headers["content-encoding"]
             ocut, otiming = _redact_body(holder, secrets, max_body, captured.upstream_body,
-                                         captured.upstream_ends or [])
+                                         merged_ends(captured.upstream_ends)
+                                         if captured.upstream_ends is not None else [])
             original = (holder.raw_content or b"", otiming, ocut)
 
     if copy.websocket is not None:

@@ -22,12 +22,15 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmitm.streaming import ChunkLog
 
 logger = logging.getLogger(__name__)
 
@@ -160,34 +163,42 @@ class StreamCapture:
         return b"".join(self._chunks)
 
     @property
+    def raw_ends(self) -> RawEnds:
+        return self.start, self._times, list(accumulate(len(chunk) for chunk in self._chunks))
+
+    @property
     def ends(self) -> list[tuple[float, int]]:
-        ends = _Ends(self.start)
-        for chunk, at in zip(self._chunks, self._times, strict=True):
-            ends.add(at, len(chunk))
-        return ends.ends
+        return merged_ends(self.raw_ends)
+
+
+# A body's chunks as taken on the hot path: (start, arrival times, end offsets); merged_ends()
+# makes them ``ends`` (in the recording writer, off the event loop).
+RawEnds = tuple[float, Sequence[float], Sequence[int]]
+
+
+def merged_ends(raw: RawEnds) -> list[tuple[float, int]]:
+    """``(seconds since start, end offset)`` per chunk, a chunk within a millisecond of the first
+    of a run merged into it, empty chunks left out."""
+    start, times, offsets = raw
+    ends = _Ends(start)
+    previous = 0
+    for at, end in zip(times, offsets, strict=True):
+        ends.add(at, end - previous)
+        previous = end
+    return ends.ends
 
 
 def captured_from_log(
-    entries: list[tuple[float, bytes, list[bytes] | None]], start: float, upstream: bool
-) -> tuple[bytes, list[tuple[float, int]], bytes | None, list[tuple[float, int]] | None]:
-    """(client body, its ends, upstream body, its ends) from a pipeline's ``ChunkLog`` entries;
-    the upstream's only when ``upstream`` (a repair changed the stream). Ends as
-    ``StreamCapture.ends`` gives them (chunks within a millisecond merged)."""
-    client: list[bytes] = []
-    client_ends = _Ends(start)
-    upstream_ends = _Ends(start) if upstream else None
-    for at, data, pieces in entries:
-        if pieces is None:
-            client.append(data)
-            client_ends.add(at, len(data))
-        else:
-            client.extend(pieces)
-            client_ends.add(at, sum(len(piece) for piece in pieces))
-        if upstream_ends is not None:
-            upstream_ends.add(at, len(data))
-    return (b"".join(client), client_ends.ends,
-            b"".join(data for _, data, _ in entries) if upstream else None,
-            upstream_ends.ends if upstream_ends is not None else None)
+    log: ChunkLog, start: float, upstream: bool
+) -> tuple[bytes, RawEnds, bytes | None, RawEnds | None]:
+    """(client body, its ends, upstream body, its ends) from a pipeline's ``ChunkLog``; the
+    upstream's only when ``upstream`` (a repair changed the stream). Copies of the buffers, taken
+    as they are: the ends are merged by the writer."""
+    times = log.times[:]
+    upstream_raw: RawEnds = (start, times, log.upstream_ends[:])
+    client = bytes(log.client if log.client is not None else log.upstream)
+    client_raw: RawEnds = (start, times, log.client_ends[:]) if log.client_ends is not None else upstream_raw
+    return client, client_raw, bytes(log.upstream) if upstream else None, upstream_raw if upstream else None
 
 
 class _Ends:

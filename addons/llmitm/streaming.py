@@ -4,7 +4,7 @@ mitmproxy accepts one ``flow.response.stream`` callable per flow. Repair, record
 all need to see the streamed bytes, so the streaming addon installs one ``StreamPipeline`` and
 the others add stages (which may rewrite bytes) and taps (which only observe what the client
 receives, in order). A ``ChunkLog`` keeps, for the recorder, what the upstream sent and what the
-client got, at the cost of one list append per chunk.
+client got, in flat buffers (an append to each per chunk).
 
 Contract with mitmproxy (see research/mitmproxy.md): the callable is called per upstream chunk
 and once with ``b""`` at the end; it must never return ``b""`` mid-stream (that writes the HTTP/1
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Callable
 from typing import Protocol
 
@@ -34,15 +35,36 @@ StreamEndTap = Callable[[], None]
 
 
 class ChunkLog:
-    """A stream as it passed: ``(time, upstream chunk, client pieces)`` per chunk, the pieces
-    None when the client got the chunk itself (the usual case), b"" as the chunk at the end.
+    """A stream as it passed, for the recorder: the upstream's bytes, the client's (kept apart
+    only from the first chunk a stage changed; until then they are the upstream's), and each
+    chunk's arrival time and end offset in both. Flat buffers, no object kept per chunk: a
+    chunk's bytes are freed once sent on, and the recorder hands the buffers over as they are.
     Logging stops once ``limit`` upstream bytes are in."""
 
-    __slots__ = ("entries", "room")
+    __slots__ = ("client", "client_ends", "room", "times", "upstream", "upstream_ends")
 
     def __init__(self, limit: int) -> None:
-        self.entries: list[tuple[float, bytes, list[bytes] | None]] = []
+        self.upstream = bytearray()
+        self.upstream_ends = array("q")
+        self.times = array("d")
+        self.client: bytearray | None = None
+        self.client_ends: array[int] | None = None
         self.room = limit
+
+    def add(self, at: float, data: bytes, pieces: list[bytes] | None) -> None:
+        """One chunk: ``data`` from the upstream, ``pieces`` what the client got instead (None:
+        ``data`` itself, the usual case)."""
+        self.room -= len(data)
+        self.times.append(at)
+        self.upstream += data
+        self.upstream_ends.append(len(self.upstream))
+        if pieces is not None and self.client is None:  # the first change
+            self.client = self.upstream[:len(self.upstream) - len(data)]
+            self.client_ends = self.upstream_ends[:-1]
+        if self.client is not None:
+            assert self.client_ends is not None
+            self.client += data if pieces is None else b"".join(pieces)
+            self.client_ends.append(len(self.client))
 
 
 class StreamPipeline:
@@ -92,10 +114,8 @@ class StreamPipeline:
             pieces = self._finish()
         log = self.log
         if log is not None and log.room > 0 and (data or pieces):
-            # inline, not a tap: one append per chunk is all the recording costs here
-            log.room -= len(data)
-            log.entries.append((time.time(), data,
-                                None if len(pieces) == 1 and pieces[0] is data else pieces))
+            # not a tap: it needs the upstream's chunk too
+            log.add(time.time(), data, None if len(pieces) == 1 and pieces[0] is data else pieces)
         if self.taps:
             for piece in pieces:
                 for tap in tuple(self.taps):
