@@ -35,6 +35,7 @@ class Gateway:
     extra_args: list[str] = field(default_factory=list)
     script: Path | None = REPO / "addons" / "gateway.py"  # None: bare mitmdump
     env: dict[str, str] | None = None
+    wrapper: list[str] = field(default_factory=list)  # runs mitmdump under it (e.g. valgrind)
     proc: Proc | None = None
     port: int = 0
 
@@ -43,7 +44,7 @@ class Gateway:
         return self.workdir / "gateway.yaml"
 
     def start(self, expect_failure: bool = False) -> Gateway:
-        args = [MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0",
+        args = [*self.wrapper, MITMDUMP, "--listen-host", "127.0.0.1", "--listen-port", "0",
                 "--set", f"confdir={self.confdir}", "--set", "connection_strategy=lazy"]
         if self.script is not None:
             args += ["-s", str(self.script)]
