@@ -32,8 +32,8 @@ llmitm/recording.py.
 Streamed bodies are kept as the client received them, with their timing in
 ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes are kept in
 ``llmitm.upstream_original_body`` (see llmitm/recording.py). Both come from the StreamPipeline's
-``ChunkLog`` (one list append per chunk on the hot path). Bodies are bounded by
-``record.max_body``.
+``ChunkLog`` (flat buffers, appended to per chunk on the hot path; the writer merges the chunk
+timing). Bodies are bounded by ``record.max_body``.
 
 Redaction works on a copy of the flow, never the live one: header names that are always secret
 (Authorization, cookies, API-key headers, payment headers, ``record.redact``) and headers the
@@ -99,6 +99,8 @@ logger = logging.getLogger(__name__)
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes waiting in mitmdump for the writer; beyond: drop flows
 BATCH_PAUSE = 0.1  # the writer's pause after a read: flows are written in batches (see _frames)
 QUICK_DEATH = 10.0  # a writer that dies this soon after its start, three times: write in-process
+BATCH_DELAY = 0.05  # finished flows wait this long on the event loop, to be snapshot together
+BATCH_MAX = 64  # ... or until this many are due
 _COOKIE_HEADERS = frozenset({b"cookie", b"set-cookie"})
 
 # Messages are tuples of plain data (no class of ours: the writer runs this file as __main__).
@@ -705,19 +707,22 @@ class Recorder:
 
     # -- handing flows to the writer ---------------------------------------------------------
     def _record_soon(self, flow: http.HTTPFlow) -> None:
-        """Record ``flow`` once the event loop is done with this hook: mitmproxy sends the
+        """Record ``flow`` shortly, with the others that finish meanwhile: mitmproxy sends the
         response on as soon as the hook returns, so the snapshot is never in its way (nothing
-        changes a finished flow in between). Without a running loop, at once."""
+        changes a finished flow in between), and a batch of snapshots takes less CPU than the
+        same snapshots one by one between other work. Without a running loop, at once."""
         loop = running_loop()
         if loop is None:
             self.record(flow)
             return
         self._due.append(flow)
         if len(self._due) == 1:
-            loop.call_soon(self._record_due)
+            loop.call_later(BATCH_DELAY, self._record_due)
+        elif len(self._due) >= BATCH_MAX:
+            self._record_due()
 
     def _record_due(self) -> None:
-        due, self._due = self._due, []
+        due, self._due = self._due, []  # a timer that finds it empty (taken early) does nothing
         for flow in due:
             self.record(flow)
 
