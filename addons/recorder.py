@@ -7,27 +7,27 @@ recording off) gets ``<session>-<YYYY-MM-DD>.mitm`` files that ``mitmweb -r`` op
 ``write`` to a file opened with ``O_APPEND``; a partial record left at a file's end by a crash
 mid-write is cut off before the next append, so the file stays readable.
 
-Two processes share the work, so that a response never waits for its recording. On
-mitmproxy's event loop the addon only takes a snapshot of the finished flow (its state, with
-metadata as plain data and connections named by id, their states sent once per connection; the
-names and values of its secret headers; the captured stream) and writes it, pickled, to a pipe:
-well under 0.1 ms, and only after the hook has returned, so the response is already on its way. A
-long-lived child process, the recording writer (this file run with ``--writer``, started when
-mitmdump is running), rebuilds the flow, redacts, serialises and appends it: the ~0.7 ms of CPU
-per flow this took on the event loop, in the path of every response, before the split. The
-writer reads in batches (it pauses briefly after a small read; what waits stays in the pipe),
-so it wakes up once per batch rather than once per flow. It ignores SIGINT and SIGTERM (meant
-for mitmdump, whose process group it shares) and, at the end of its pipe, writes everything it
-was handed before it exits: a ``kill -9`` of mitmdump alone loses only the flows still in
-progress (and any the pipe could not take yet). The pipe never blocks the loop: what it cannot
-take at once waits in the addon, at most ``MAX_BACKLOG`` bytes (beyond that flows are dropped,
-counted and logged), and is written when the pipe has room. ``Recorder.flush()`` waits until
-everything handed over is written; ``done`` closes the pipe and waits for the writer to finish.
-The writer's log lines come back over a second pipe and are logged by the addon (never flow
-content: paths, counts, exception names). A writer that dies is replaced with the next flow; if
-none can run, the addon writes in-process as before. The pipes and the child process are
-llmitm/childproc.py; the files (appends, partial tails) are ``RecordingFiles`` in
-llmitm/recording.py.
+Two processes share the work, so that a response never waits for its recording. On mitmproxy's
+event loop the addon only takes a snapshot of the finished flow (its state, with metadata as
+plain data and connections named by id, their states sent once per connection; the names and
+values of its secret headers; the captured stream) and writes it, pickled, to a pipe: well under
+0.1 ms per flow, in batches ``BATCH_DELAY`` after the first flow finished (or at ``BATCH_MAX``),
+so never in a response's way. A long-lived child process, the recording writer (this file run
+with ``--writer``, started when mitmdump is running), rebuilds the flow, redacts, serialises and
+appends it: the ~0.7 ms of CPU per flow this took on the event loop, in the path of every
+response, before the split. The writer reads in batches (it pauses briefly after a small read;
+what waits stays in the pipe), so it wakes up once per batch rather than once per flow. It
+ignores SIGINT and SIGTERM (meant for mitmdump, whose process group it shares) and, at the end
+of its pipe, writes everything it was handed before it exits: a ``kill -9`` of mitmdump alone
+loses only the flows still in progress, those finished in the last ``BATCH_DELAY`` and any the
+pipe could not take yet. The pipe never blocks the loop: what it cannot take at once waits in
+the addon, at most ``MAX_BACKLOG`` bytes (beyond that flows are dropped, counted and logged),
+and is written when the pipe has room. ``Recorder.flush()`` waits until everything handed over
+is written; ``done`` closes the pipe and waits for the writer to finish. The writer's log lines
+come back over a second pipe and are logged by the addon (never flow content: paths, counts,
+exception names). A writer that dies is replaced with the next flow; if none can run, the addon
+writes in-process as before. The pipes and the child process are llmitm/childproc.py; the files
+(appends, partial tails) are ``RecordingFiles`` in llmitm/recording.py.
 
 Streamed bodies are kept as the client received them, with their timing in
 ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes are kept in
@@ -104,14 +104,15 @@ BATCH_MAX = 64  # ... or until this many are due
 _COOKIE_HEADERS = frozenset({b"cookie", b"set-cookie"})
 
 # Messages are tuples of plain data (no class of ours: the writer runs this file as __main__).
-# To the writer: ("secrets", values, names), ("flow", path, state, injected, values, captured,
-# max_body), ("close",) when record.dir changed, ("sync", n). Back: ("log", level, text),
-# ("synced", n).
+# To the writer: ("secrets", values, names), ("conns", fresh states by id, ids gone),
+# ("flow", path, state, injected, values, captured, max_body), ("close",) when record.dir
+# changed, ("sync", n). Back: ("log", level, text), ("synced", n).
 
 
 class Captured(NamedTuple):
     """A streamed body as the client received it, and the upstream's when a repair changed it
-    (else None), each with its chunk ends ``(seconds, offset)``. Plain data: it crosses the pipe."""
+    (else None), each with its chunks' times and end offsets (``RawEnds``, merged by the writer).
+    Plain data: it crosses the pipe."""
 
     client_body: bytes
     client_ends: RawEnds
@@ -297,9 +298,6 @@ class _ConnStates:
         self._states[cid] = conn.get_state()
         self._sent.discard(cid)
         return cid
-
-    def state(self, cid: str) -> dict[str, Any]:
-        return self._states[cid]
 
     def unsent(self, ids: Iterable[str]) -> tuple[tuple[str, dict[str, Any]], ...]:
         """The states of ``ids`` the writer does not hold, now counted as held."""
@@ -620,7 +618,7 @@ class Recorder:
     def __init__(self) -> None:
         self._captures: weakref.WeakKeyDictionary[http.HTTPFlow, _Capture] = weakref.WeakKeyDictionary()
         self._written: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
-        self._due: list[http.HTTPFlow] = []  # finished flows recorded in the next loop iteration
+        self._due: list[http.HTTPFlow] = []  # finished flows waiting for their batch
         self._conns = _ConnStates()
         self._paths: dict[tuple[str, str, int], str] = {}
         self._dir: str | None = None

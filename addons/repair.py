@@ -92,6 +92,8 @@ class Repair:
             return
         body = response.get_content(strict=False)
         endpoint = str(flow.metadata[flowmeta.ENDPOINT])
+        # repair_json_response checks this too; asked here first, it also spares request_facts
+        # for the usual response with no tool call (a substring scan of a small body)
         if not body or not may_need_json_repair(endpoint, body):
             return
         repaired, repairs = repair_json_response(endpoint, body, request_facts(flow))

@@ -4,6 +4,7 @@ blocking the event loop, surviving mitmdump), the guard's findings."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gc
 import json
@@ -245,6 +246,45 @@ def test_partial_tail_is_cut_before_appending(tmp_path: Path, caplog: pytest.Log
 
 
 # -- the recording writer process ---------------------------------------------------------------
+def started_writer(tctx: taddons.context, cfg: Configuration, recorder: Recorder,
+                   tmp_path: Path) -> tuple[Path, int]:
+    """Configured, one flow written: the recordings directory and the writer's pid."""
+    rec = configured(tctx, cfg, tmp_path)
+    recorder.response(openai_flow())
+    assert recorder.flush()
+    pid = recorder.writer_pid
+    assert pid is not None
+    return rec, pid
+
+
+async def test_finished_flows_are_handed_over_in_batches(tmp_path: Path, recorder: Recorder,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the event loop running, response() leaves the snapshot for later: BATCH_DELAY after
+    the first flow of a batch, or at once when BATCH_MAX are due."""
+    monkeypatch.setattr(recorder_module, "BATCH_MAX", 3)
+    recorded: list[http.HTTPFlow] = []
+    record = recorder.record
+
+    def spy(flow: http.HTTPFlow) -> None:
+        recorded.append(flow)
+        record(flow)
+
+    monkeypatch.setattr(recorder, "record", spy)
+    cfg = Configuration()
+    with taddons.context(cfg, recorder) as tctx:
+        rec = configured(tctx, cfg, tmp_path)
+        flows = [openai_flow() for _ in range(5)]
+        for flow in flows[:2]:
+            recorder.response(flow)
+        assert recorded == []  # the hook returned without a snapshot
+        await asyncio.sleep(recorder_module.BATCH_DELAY * 4)
+        assert recorded == flows[:2]  # the timer took the batch
+        for flow in flows[2:]:
+            recorder.response(flow)
+        assert recorded == flows  # BATCH_MAX due: taken at once
+        assert len(read(rec, recorder)) == 5
+
+
 async def test_record_never_waits_for_the_writer(tmp_path: Path, recorder: Recorder,
                                                  caplog: pytest.LogCaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,15 +294,11 @@ async def test_record_never_waits_for_the_writer(tmp_path: Path, recorder: Recor
     monkeypatch.setattr(recorder_module, "MAX_BACKLOG", 2_000_000)
     cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
-        rec = configured(tctx, cfg, tmp_path)
-        recorder.response(openai_flow())
-        assert recorder.flush()
-        pid = recorder.writer_pid
-        assert pid is not None
+        rec, pid = started_writer(tctx, cfg, recorder, tmp_path)
         os.kill(pid, signal.SIGSTOP)
         try:
             for _ in range(30):  # 6 MB: more than the pipe (1 MB at most) and the backlog hold
-                recorder.response(openai_flow(b"x" * 200_000))
+                recorder.record(openai_flow(b"x" * 200_000))  # handed over now, not in a batch
             assert len(read(rec)) == 1  # handed over, not written: the writer is stopped
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -279,11 +315,7 @@ def test_writer_is_replaced_when_it_dies(tmp_path: Path, recorder: Recorder,
                                          caplog: pytest.LogCaptureFixture) -> None:
     cfg = Configuration()
     with taddons.context(cfg, recorder) as tctx:
-        rec = configured(tctx, cfg, tmp_path)
-        recorder.response(openai_flow())
-        assert recorder.flush()
-        first = recorder.writer_pid
-        assert first is not None
+        rec, first = started_writer(tctx, cfg, recorder, tmp_path)
         os.kill(first, signal.SIGKILL)
         assert wait_gone(first)
         for _ in range(2):
@@ -408,7 +440,7 @@ def test_writer_forgets_collected_connections() -> None:
     with pytest.raises(KeyError):
         held.resolve({"client_conn": ids[0]})
     with pytest.raises(KeyError):
-        conns.state(ids[0])
+        conns.unsent(ids[:1])  # the addon's side forgot it too
 
 
 def test_in_process_when_no_writer_can_run(tmp_path: Path, recorder: Recorder,
