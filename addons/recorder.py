@@ -32,8 +32,8 @@ writes in-process as before. The pipes and the child process are llmitm/childpro
 Streamed bodies are kept as the client received them, with their timing in
 ``llmitm.stream_timing``; when a repair changed the stream, the upstream's bytes are kept in
 ``llmitm.upstream_original_body`` (see llmitm/recording.py). Both come from the StreamPipeline's
-``ChunkLog`` (flat buffers, appended to per chunk on the hot path; the writer merges the chunk
-timing). Bodies are bounded by ``record.max_body``.
+``ChunkLog`` (lists of the chunks, appended to on the hot path; the writer joins them and
+merges the chunk timing). Bodies are bounded by ``record.max_body``.
 
 Redaction works on a copy of the flow, never the live one: header names that are always secret
 (Authorization, cookies, API-key headers, payment headers, ``record.redact``) and headers the
@@ -82,16 +82,16 @@ from llmitm.recording import (
     TRUNCATED,
     UPSTREAM_ORIGINAL_BODY,
     UPSTREAM_ORIGINAL_TIMING,
-    RawEnds,
+    RawChunks,
     RecordingFiles,
     StreamCapture,
     captured_from_log,
-    merged_ends,
+    joined,
     recording_path,
     timing_of,
 )
 from llmitm.redact import SecretSet, is_marker, redacted
-from llmitm.streaming import ChunkLog, StreamPipeline
+from llmitm.streaming import ChunkLog, pipeline_of
 from llmitm.x402 import PAYMENT_HEADERS
 
 logger = logging.getLogger(__name__)
@@ -111,13 +111,11 @@ _COOKIE_HEADERS = frozenset({b"cookie", b"set-cookie"})
 
 class Captured(NamedTuple):
     """A streamed body as the client received it, and the upstream's when a repair changed it
-    (else None), each with its chunks' times and end offsets (``RawEnds``, merged by the writer).
-    Plain data: it crosses the pipe."""
+    (else None), each as its chunks with their arrival times (``RawChunks``, joined by the
+    writer). Plain data: it crosses the pipe."""
 
-    client_body: bytes
-    client_ends: RawEnds
-    upstream_body: bytes | None = None
-    upstream_ends: RawEnds | None = None
+    client: RawChunks
+    upstream: RawChunks | None = None
 
 
 class _Capture:
@@ -144,7 +142,7 @@ class _Capture:
             return Captured(*captured_from_log(self.log, self.start,
                                                self.upstream and self.upstream_changed))
         assert self.client is not None
-        return Captured(self.client.body, self.client.raw_ends)
+        return Captured(self.client.raw)
 
 
 # -- redaction of a flow copy ------------------------------------------------------------------
@@ -410,19 +408,16 @@ def redacted_copy(
         if resp.trailers:
             resp.trailers = _redact_headers(resp.trailers, secrets, ())
         if captured is not None and resp.raw_content is None:
-            cut, timing = _redact_body(resp, secrets, max_body, captured.client_body,
-                                       merged_ends(captured.client_ends))
+            cut, timing = _redact_body(resp, secrets, max_body, *joined(captured.client))
         else:
             cut, _ = _redact_body(resp, secrets, max_body, resp.raw_content)
         if cut is not None:
             truncated["response"] = cut
-        if captured is not None and captured.upstream_body is not None:
+        if captured is not None and captured.upstream is not None:
             holder = http.Response.make(200, b"")
             if "content-encoding" in resp.headers:
                 holder.headers["content-encoding"] = resp.headers["content-encoding"]
-            ocut, otiming = _redact_body(holder, secrets, max_body, captured.upstream_body,
-                                         merged_ends(captured.upstream_ends)
-                                         if captured.upstream_ends is not None else [])
+            ocut, otiming = _redact_body(holder, secrets, max_body, *joined(captured.upstream))
             original = (holder.raw_content or b"", otiming, ocut)
 
     if copy.websocket is not None:
@@ -653,10 +648,11 @@ class Recorder:
             return
         start = response.timestamp_start or time.time()
         stream = response.stream
-        if isinstance(stream, StreamPipeline):
-            capture = _Capture(start, log=stream.start_log(config.max_body + SLACK))
+        pipeline = pipeline_of(stream)
+        if pipeline is not None:
+            capture = _Capture(start, log=pipeline.start_log(config.max_body + SLACK))
             capture.upstream = config.upstream_original
-            capture.stages = stream.stages
+            capture.stages = pipeline.stages
             self._captures[flow] = capture
             return
         client = StreamCapture(config.max_body, start)

@@ -37,7 +37,7 @@ def request_facts(flow: http.HTTPFlow) -> dict[str, Any] | None:
     """What repairs need from the request (``tool_choice``). Parsing a long agent conversation
     costs milliseconds, so the body is parsed only when it mentions ``tool_choice`` at all."""
     body = flow.request.get_content(strict=False) or b""
-    if b'"tool_choice"' not in body:
+    if body.find(b'"tool_choice"') < 0:  # not `in`: see llmitm/repair/_shapes.py
         return None
     try:
         parsed = json.loads(body)

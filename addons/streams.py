@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from llmitm.streaming import StreamPipeline
+from llmitm.streaming import StreamPipeline, pipeline_of
 
 
 def is_event_stream(response: http.Response) -> bool:
@@ -18,8 +18,7 @@ def is_event_stream(response: http.Response) -> bool:
 
 def stream_pipeline(flow: http.HTTPFlow) -> StreamPipeline | None:
     """The flow's pipeline, for addons that add stages or taps."""
-    stream = flow.response.stream if flow.response else None
-    return stream if isinstance(stream, StreamPipeline) else None
+    return pipeline_of(flow.response.stream) if flow.response else None
 
 
 class Streams:
@@ -29,7 +28,7 @@ class Streams:
         response = flow.response
         if response is None or not is_event_stream(response):
             return
-        response.stream = StreamPipeline()
+        response.stream = StreamPipeline().feed
         # Reverse proxies in front of the client (nginx and friends) must not buffer either.
         response.headers["X-Accel-Buffering"] = "no"
         # A stage may change the length; SSE is delimited by the connection/chunks, not a length.

@@ -39,6 +39,9 @@ from tests.harness.procs import Proc  # noqa: E402
 GATEWAY = REPO / "addons" / "gateway.py"
 STREAM_TRUE = REPO / "scripts" / "bench_stream_true.py"
 NO_RECORDING = "record: {dir: null}\n"
+# after the warm-up, before counting: the recorder snapshots finished flows in batches, 50 ms
+# after the first (recorder.BATCH_DELAY); the warm-up's must not be counted
+SETTLE = 2.0
 
 
 class Counted:
@@ -93,6 +96,7 @@ def per_request(route: Counted, url: str, n: int) -> float:
     with client(route.gateway) as c:
         for _ in range(30):
             c.post(url, json=CHAT_BODY, headers={"host": "api.openai.com"})
+        time.sleep(SETTLE)
         route.start()
         for _ in range(n):
             assert c.post(url, json=CHAT_BODY, headers={"host": "api.openai.com"}).status_code == 200
@@ -109,6 +113,7 @@ def per_frame(route: Counted, base: str, kind: bench_repair.Kind, stream: Path, 
                 assert sum(len(x) for x in r.iter_raw()) > 0
 
         burst()
+        time.sleep(SETTLE)
         route.start()
         burst()
         return route.stop(tag) / bench_repair.frame_count(stream.read_bytes())

@@ -24,7 +24,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -163,42 +162,35 @@ class StreamCapture:
         return b"".join(self._chunks)
 
     @property
-    def raw_ends(self) -> RawEnds:
-        return self.start, self._times, list(accumulate(len(chunk) for chunk in self._chunks))
+    def raw(self) -> RawChunks:
+        return self.start, self._times, self._chunks
 
     @property
     def ends(self) -> list[tuple[float, int]]:
-        return merged_ends(self.raw_ends)
+        return joined(self.raw)[1]
 
 
-# A body's chunks as taken on the hot path: (start, arrival times, end offsets); merged_ends()
-# makes them ``ends`` (in the recording writer, off the event loop).
-RawEnds = tuple[float, Sequence[float], Sequence[int]]
+# A streamed body as taken on the hot path: (start, arrival times, the chunks), handed over as
+# they are (no copy, no join on the event loop); joined() puts them together, in the writer.
+RawChunks = tuple[float, Sequence[float], Sequence[bytes]]
 
 
-def merged_ends(raw: RawEnds) -> list[tuple[float, int]]:
-    """``(seconds since start, end offset)`` per chunk, a chunk within a millisecond of the first
-    of a run merged into it, empty chunks left out."""
-    start, times, offsets = raw
+def joined(raw: RawChunks) -> tuple[bytes, list[tuple[float, int]]]:
+    """(the body, ``(seconds since start, end offset)`` per chunk): a chunk within a millisecond
+    of the first of a run merged into it, empty chunks left out."""
+    start, times, chunks = raw
     ends = _Ends(start)
-    previous = 0
-    for at, end in zip(times, offsets, strict=True):
-        ends.add(at, end - previous)
-        previous = end
-    return ends.ends
+    for at, chunk in zip(times, chunks, strict=True):
+        ends.add(at, len(chunk))
+    return b"".join(chunks), ends.ends
 
 
-def captured_from_log(
-    log: ChunkLog, start: float, upstream: bool
-) -> tuple[bytes, RawEnds, bytes | None, RawEnds | None]:
-    """(client body, its ends, upstream body, its ends) from a pipeline's ``ChunkLog``; the
-    upstream's only when ``upstream`` (a repair changed the stream). Copies of the buffers, taken
-    as they are: the ends are merged by the writer."""
-    times = log.times[:]
-    upstream_raw: RawEnds = (start, times, log.upstream_ends[:])
-    client = bytes(log.client if log.client is not None else log.upstream)
-    client_raw: RawEnds = (start, times, log.client_ends[:]) if log.client_ends is not None else upstream_raw
-    return client, client_raw, bytes(log.upstream) if upstream else None, upstream_raw if upstream else None
+def captured_from_log(log: ChunkLog, start: float,
+                      upstream: bool) -> tuple[RawChunks, RawChunks | None]:
+    """(what the client got, what the upstream sent or None) from a pipeline's finished
+    ``ChunkLog``; the upstream's only when ``upstream`` (a repair changed the stream)."""
+    sent = log.upstream if log.client is None else log.client
+    return (start, log.times, sent), (start, log.times, log.upstream) if upstream else None
 
 
 class _Ends:

@@ -278,8 +278,8 @@ class SSEParser:
                 chunk = chunk[1:]
                 if not chunk:
                     return frames
-        has_cr = b"\r" in chunk
-        if self._settled and not has_cr and b"\n" not in chunk:
+        has_cr = chunk.find(b"\r") >= 0  # find: see _shapes.py on `in`
+        if self._settled and not has_cr and chunk.find(b"\n") < 0:
             self._parts.append(chunk)
             self._plen += len(chunk)
             return frames

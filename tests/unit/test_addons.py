@@ -12,7 +12,7 @@ from configuration import Configuration
 from glue import CONTROL_HOST, for_control_host
 from identify import Identify, take_control_headers
 from llmitm import flowmeta
-from llmitm.streaming import StreamPipeline
+from llmitm.streaming import StreamPipeline, pipeline_of
 from resolve import Resolve
 from streams import Streams
 
@@ -69,7 +69,7 @@ def test_streams_installs_pipeline_only_for_sse() -> None:
         sse = tflow.tflow(resp=tutils.tresp(headers=[(b"content-type", b"text/event-stream"),
                                                      (b"content-length", b"10")]))
         streams.responseheaders(sse)
-        assert isinstance(sse.response.stream, StreamPipeline)
+        assert isinstance(pipeline_of(sse.response.stream), StreamPipeline)
         assert sse.response.headers["x-accel-buffering"] == "no"
         assert "content-length" not in sse.response.headers
         plain = tflow.tflow(resp=True)

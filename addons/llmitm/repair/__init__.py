@@ -126,7 +126,7 @@ def may_need_json_repair(endpoint: str, body: bytes) -> bool:
     markers = _JSON_MARKERS.get(endpoint)
     if markers is None:
         return False
-    return b"\\u" in body or any(marker in body for marker in markers)
+    return body.find(b"\\u") >= 0 or any(body.find(marker) >= 0 for marker in markers)
 
 
 def stream_repairer_for(endpoint: str, request_json: dict[str, Any] | None) -> StreamRepairer | None:

@@ -90,6 +90,7 @@ class StreamRepairer:
         self.error: str | None = None  # an internal error that forced passthrough (a bug)
         self.request = request_json if isinstance(request_json, dict) else None
         self._parser = SSEParser(strict=True)
+        self._at_frame_start = False  # the parser's at_frame_start(), as of its last feed
         self._eol = b"\n"
         self._named_events = False  # the upstream labels events with "event:" lines
         self._ids: set[str] = set()
@@ -101,6 +102,8 @@ class StreamRepairer:
         # the frame being handled: the state a later frame of the same shape continues.
         self._shapes: dict[tuple[bytes, ...], ShapeEntry] = {}
         self._matchers: list[Matcher] = []  # most recently used first
+        # the last matcher to pass a frame unchanged, when that frame ended the last chunk
+        self._hot: Matcher | None = None
         self._admit: Any = None
         self._last_obj: dict[str, Any] | None = None  # the event _event just handled
         self.full_frames = 0  # frames that took the full path (the rest took the fast path)
@@ -108,18 +111,42 @@ class StreamRepairer:
     # --- StreamStage ----------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if not chunk:
-            return []
-        if self.passthrough:
-            return [chunk]
+        hot = self._hot
+        if hot is not None:
+            # The hottest path: a chunk that is one whole frame of the shape the last chunk
+            # ended with, passing unchanged (see _match_frames: hot means at a frame start, not
+            # passing through, the line ending already the shape's). A shape with one string
+            # hole is matched here, inline; anything else takes the general way below.
+            name = hot.only
+            if name is None:
+                values = hot.whole(chunk)
+                if values is not None and self._continue(hot.entry.state, values):
+                    return [chunk]
+            else:
+                start = hot.head_size
+                end = len(chunk) - hot.tail_size
+                # Matcher.whole, inline (a call less per frame)
+                if (start <= end and chunk.startswith(hot.head) and chunk.endswith(hot.tail)
+                        and chunk.find(b'"', start, end) < 0 and chunk.find(b"\\", start, end) < 0):
+                    try:
+                        text = chunk[start:end].decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = "\n"  # not printable: the general way decides
+                    if text.isprintable() and self._continue(hot.entry.state, {name: text}):
+                        return [chunk]
+            self._hot = None
+        if self.passthrough or not chunk:
+            return [chunk] if chunk else []
         out: list[bytes] = []
-        if self._matchers and self._parser.at_frame_start():
+        if self._at_frame_start and self._matchers:
             done = self._match_frames(chunk, out)
             if done == len(chunk):
                 return out if len(out) == 1 else [b"".join(out)]
+            self._hot = None  # the parser takes the rest
             if done:
                 chunk = chunk[done:]
-        frames = self._parser.feed(chunk)
+        parser = self._parser
+        frames = parser.feed(chunk)
         for frame in frames:
             if self.passthrough:
                 out.append(frame.raw)
@@ -132,18 +159,21 @@ class StreamRepairer:
                 self.passthrough = True
                 pieces = [frame.raw]
             out.extend(pieces)
-        if self._parser.broken and not self.passthrough:
+        if parser.broken and not self.passthrough:
             self.passthrough = True
         if self.passthrough:
-            rest = self._parser.take_rest()
+            rest = parser.take_rest()
             if rest:
                 out.append(rest)
+        self._at_frame_start = not self.passthrough and parser.at_frame_start()
         joined = b"".join(out)
         return [joined] if joined else []
 
     def salvage(self) -> bytes:
         """After a failure: the bytes received but not yet sent on (for StreamPipeline)."""
         self.passthrough = True
+        self._at_frame_start = False
+        self._hot = None
         return self._parser.take_rest()
 
     def finish(self) -> list[bytes]:
@@ -160,33 +190,37 @@ class StreamRepairer:
     def _match_frames(self, chunk: bytes, out: list[bytes]) -> int:
         """Whole frames of known shapes at the start of ``chunk``, handled without the SSE
         parser (see llmitm/repair/_shapes.py): their output goes to ``out``; returns how many
-        bytes of ``chunk`` they took."""
+        bytes of ``chunk`` they took. The hot path of a healthy stream: few calls per frame."""
         pos, size = 0, len(chunk)
         copied = 0  # chunk[copied:pos] passes on unchanged
         matchers = self._matchers
+        cont = self._continue
         while pos < size:
             matcher = matchers[0]  # the latest shape met: usually this one again
             match = matcher.match(chunk, pos)
-            found = 0
             if match is None:
                 for index in range(1, len(matchers)):
-                    matcher = matchers[index]
-                    match = matcher.match(chunk, pos)
+                    match = matchers[index].match(chunk, pos)
                     if match is not None:
-                        found = index
+                        matcher = matchers.pop(index)
+                        matchers.insert(0, matcher)
                         break
                 else:
                     break
             end, values = match
-            applied, written = self._apply(matcher.entry, values)
-            if not applied:
-                break
-            if found:
-                matchers.insert(0, matchers.pop(found))
-            if written is not None:
+            entry = matcher.entry
+            if entry.rewrite is None:  # a frame that passes unchanged
+                if not cont(entry.state, values):
+                    break
+                self._eol = entry.eol
+                self._hot = matcher
+            else:
+                applied, written = self._apply(entry, values)
+                if not applied:
+                    break
                 if pos > copied:
                     out.append(chunk[copied:pos])
-                out.append(written)
+                out.append(written)  # type: ignore[arg-type]  # applied with a rewrite
                 copied = end
             pos = end
         if pos > copied:

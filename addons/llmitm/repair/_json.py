@@ -41,20 +41,29 @@ class Fragments:
     """Text that grows fragment by fragment: a tool call's arguments. ``s += t`` on an attribute
     copies all of ``s`` every time (CPython grows only a local variable in place), quadratic over
     the thousands of fragments of a long call; fragments are kept and joined when the text is
-    read. ``blank``: no text but whitespace so far (what the repairs ask on every fragment)."""
+    read. ``blank``: no text but whitespace so far (what the repairs ask on every fragment).
+    ``progress``, if given, is fed every fragment (one call per fragment on the hot path)."""
 
-    __slots__ = ("_parts", "_text", "blank")
+    __slots__ = ("_parts", "_text", "blank", "progress")
 
-    def __init__(self, text: str = "") -> None:
+    def __init__(self, text: str = "", progress: JsonProgress | None = None) -> None:
         self._text = text
         self._parts: list[str] = []
         self.blank = not text.strip()
+        self.progress = progress
 
     def add(self, fragment: str) -> None:
-        if fragment:
-            self._parts.append(fragment)
-            if self.blank and not fragment.isspace():
-                self.blank = False
+        if not fragment:
+            return
+        self._parts.append(fragment)
+        if self.blank and not fragment.isspace():
+            self.blank = False
+        progress = self.progress
+        # JsonProgress.feed's own first test, inline: most fragments are text inside a string
+        if progress is not None and not progress.complete and (
+            not progress.in_string or progress.escape or '"' in fragment or "\\" in fragment
+        ):
+            progress.feed(fragment)
 
     @property
     def text(self) -> str:

@@ -79,12 +79,8 @@ class _Call:
         self.id = ""
         self.id_invented = False
         self.name = ""
-        self.args = Fragments()
         self.progress = JsonProgress()
-
-    def add_args(self, text: str) -> None:
-        self.args.add(text)
-        self.progress.feed(text)
+        self.args = Fragments(progress=self.progress)  # feeds the progress
 
 
 class _Choice:
@@ -129,10 +125,11 @@ class ChatRepairer(StreamRepairer):
         self._active = False  # a tool call has been seen: look at every chunk from now on
         self._stream_id = ""
         self._template: dict[str, Any] = {}
+        self._template_id: str | None = None  # its "id", for the fast path
         self._usage: Any = None
 
     def _wants(self, frame: Frame) -> bool:
-        return self._active or b"tool_calls" in frame.raw
+        return self._active or frame.raw.find(b"tool_calls") >= 0
 
     # --- events ---------------------------------------------------------------------------
 
@@ -142,6 +139,7 @@ class ChatRepairer(StreamRepairer):
         if isinstance(chunk_id, str) and chunk_id and chunk_id != self._template.get("id"):
             if not self._stream_id:
                 self._stream_id = chunk_id
+            self._template_id = chunk_id
             self._template = {
                 k: obj[k] for k in ("id", "object", "created", "model", "system_fingerprint")
                 if k in obj
@@ -201,11 +199,11 @@ class ChatRepairer(StreamRepairer):
             (choice.by_upstream.get(state.up) if state.up is not None else choice.calls[-1])
             is not call
             or call.progress.complete
-            or (state.chunk_id is not None and self._template.get("id") != state.chunk_id)
+            or (state.chunk_id is not None and self._template_id != state.chunk_id)
         ):
             return False
         # (no test for blank arguments: they were not at admission, and they only grow)
-        call.add_args(values[_ARGUMENTS])  # type: ignore[arg-type]  # a string hole
+        call.args.add(values[_ARGUMENTS])  # type: ignore[arg-type]  # a string hole
         return True
 
     def _route(
@@ -333,7 +331,7 @@ class ChatRepairer(StreamRepairer):
                 self._note("duplicate_arguments")
                 fn["arguments"] = args = ""
                 changed = True
-            call.add_args(args)
+            call.args.add(args)
         return changed
 
     def _new_call(self, state: _Choice, ci: int, up: int | None, fid: str | None, why: str) -> _Call:
@@ -442,7 +440,7 @@ class ChatRepairer(StreamRepairer):
                     fragments = delta["tool_calls"] = []
                 for call in missing:
                     fragments.append({"index": call.index, "function": {"arguments": "{}"}})
-                    call.add_args("{}")
+                    call.args.add("{}")
                     self._note("missing_arguments")
                 changed = True
             if reason == "stop" and not self.forced:
@@ -466,7 +464,7 @@ class ChatRepairer(StreamRepairer):
                     {"index": c.index, "function": {"arguments": "{}"}} for c in missing
                 ]
                 for call in missing:
-                    call.add_args("{}")
+                    call.args.add("{}")
                     self._note("missing_arguments")
             state.finish = "stop" if self.forced else "tool_calls"
             self._note("missing_finish_reason")

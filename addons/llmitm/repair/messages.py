@@ -21,8 +21,8 @@ class _Block:
     __slots__ = ("args", "progress")
 
     def __init__(self) -> None:
-        self.args = Fragments()
         self.progress = JsonProgress()
+        self.args = Fragments(progress=self.progress)  # feeds the progress
 
 
 class _Continuation:
@@ -54,7 +54,7 @@ class MessagesRepairer(StreamRepairer):
         event = frame.event
         if event is None or event in _WANTED:
             return True
-        return event == "content_block_delta" and b"partial_json" in frame.raw
+        return event == "content_block_delta" and frame.raw.find(b"partial_json") >= 0
 
     def _event(self, obj: dict[str, Any], frame: Frame) -> bool:
         kind = obj.get("type")
@@ -136,7 +136,6 @@ class MessagesRepairer(StreamRepairer):
             # a plain delta of a known block: frames of its shape take the fast path
             self._admit = _Continuation(block, index, text)
         block.args.add(text)
-        block.progress.feed(text)
         return changed
 
     def _admits(self, state: Any, values: HoleValues) -> bool:
@@ -149,7 +148,6 @@ class MessagesRepairer(StreamRepairer):
             return False
         text: str = values[_PARTIAL_JSON]  # type: ignore[assignment]  # a string hole
         block.args.add(text)
-        block.progress.feed(text)
         return True
 
 
