@@ -10,16 +10,17 @@ Three routes to the same local fake provider (loopback, TLS both sides), each a 
 The fake provider replays tool-call streams written here (``x-fake-sse-file``): chat completions
 with four parallel calls whose arguments arrive in small fragments (healthy, and the same stream
 with ``index`` missing from every tool-call fragment, so that every frame is repaired), Responses
-and Anthropic Messages. Burst: ~2,000 frames sent back to back: the MB/s the client receives, and
-the proxy's CPU time per frame (Linux /proc). Lag: ~25 frames 20 ms apart, each stamped with its
-send time in an SSE comment line (``x-fake-stamp``), median of (arrival - send) per stream.
-Rounds are interleaved (route order rotates), ratios and differences are taken within a round,
-then medians (min-max over rounds). Everything listens on 127.0.0.1, all loops are bounded,
-every process is stopped.
+and Anthropic Messages. Burst: ~5,000 frames sent back to back: the MB/s the client receives, and
+the proxy's CPU time per frame (Linux /proc); in each round every route gets ``BURST_REPEATS``
+bursts of each stream, alternately with the other routes, and the round's figure is their
+median. Lag: ~25 frames 20 ms apart, each stamped with its send time in an SSE comment line
+(``x-fake-stamp``), median of (arrival - send) per stream. Rounds are interleaved (route order
+rotates), ratios and differences are taken within a round, then medians (min-max over rounds).
+Everything listens on 127.0.0.1, all loops are bounded, every process is stopped.
 
 ``python scripts/bench_repair.py [--rounds N]`` prints a markdown table (``LLMITM_BENCH_BURST_FRAMES``
-sets the burst length: longer bursts average out a drifting machine); ``run(rounds)`` returns it
-(scripts/bench.py calls it).
+and ``LLMITM_BENCH_BURST_REPEATS`` set the burst length and the bursts per round: longer and
+more average out a drifting machine); ``run(rounds)`` returns it (scripts/bench.py calls it).
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ from tests.harness.gateway import SYSTEM_CA_FILES, Gateway  # noqa: E402
 from tests.harness.procs import Proc  # noqa: E402
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-BURST_FRAMES = int(os.environ.get("LLMITM_BENCH_BURST_FRAMES", "2000"))
+BURST_FRAMES = int(os.environ.get("LLMITM_BENCH_BURST_FRAMES", "5000"))
+# bursts per route and stream in a round, interleaved route by route (A B C A B C ...): on this
+# kind of shared VM the speed drifts within a second, so a round's figure for a route is the
+# median of several bursts taken alternately with the other routes'
+BURST_REPEATS = int(os.environ.get("LLMITM_BENCH_BURST_REPEATS", "3"))
 LAG_FRAMES = 25
 LAG_DELAY = 0.02
 TARGET_THROUGHPUT = 0.8  # repair on / passthrough, at least
@@ -288,7 +293,7 @@ class Bench:
         return c.send(request, stream=True)
 
     def burst(self, route: Route, kind: Kind) -> tuple[float, float | None]:
-        """A ~2,000-frame tool-call stream sent back to back: (MB/s the client receives it at,
+        """A tool-call stream of BURST_FRAMES sent back to back: (MB/s the client receives it at,
         CPU µs the proxy spent per frame)."""
         path = self.files[(kind.name, "burst")]
         with self.client(route) as c:
@@ -333,11 +338,16 @@ class Bench:
 
 def run_round(bench: Bench, routes: list[Route], results: Results) -> None:
     for kind in KINDS:
+        samples: dict[str, list[tuple[float, float | None]]] = {r.name: [] for r in routes}
+        for _ in range(BURST_REPEATS):
+            for route in routes:
+                samples[route.name].append(bench.burst(route, kind))
         for route in routes:
-            mbs, cpu = bench.burst(route, kind)
-            results.add("burst", kind.name, route.name, mbs)
-            if cpu is not None:
-                results.add("cpu", kind.name, route.name, cpu)
+            results.add("burst", kind.name, route.name,
+                        statistics.median(mbs for mbs, _ in samples[route.name]))
+            cpus = [cpu for _, cpu in samples[route.name] if cpu is not None]
+            if cpus:
+                results.add("cpu", kind.name, route.name, statistics.median(cpus))
     for kind in KINDS:
         for route in routes:
             results.add("lag", kind.name, route.name, bench.lag_ms(route, kind))

@@ -108,7 +108,7 @@ class StreamPipeline:
         if not data:
             return self._end()
         piece = data
-        pieces = None
+        pieces = out = None
         stage = None
         try:
             # while every stage returns one piece, hand it on without building lists
@@ -123,8 +123,8 @@ class StreamPipeline:
             index = self.stages.index(stage)
             # the stages after it (indexes moved down by the detach)
             pieces = self._through(index, self._detach(stage, [piece]))
-        if pieces is None:
-            pieces = [piece] if piece else []
+        if pieces is None:  # one piece: the last stage's own list is handed on
+            pieces = (out if out is not None else [piece]) if piece else []
         log = self.log
         if log is not None and log.room > 0:
             # ChunkLog.add, inline: not a tap, as it needs the upstream's chunk too

@@ -191,6 +191,27 @@ def test_the_fast_path_is_taken_for_plain_fragments(endpoint: str) -> None:
     assert hits >= 3 * 48  # all but the first one or two fragments of each call
 
 
+@pytest.mark.parametrize("mutation", ["none", "drop_index", "obfuscation"])
+def test_a_chunk_that_is_one_frame_of_the_last_shape_takes_the_hottest_path(
+        mutation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frame by frame (the usual chunking), a frame of the shape the last chunk ended with is
+    handled by ``feed`` before the frame matchers: for plain fragments, repaired ones (every
+    fragment without its index, written from the remembered repair) and two-hole shapes."""
+    calls = [[(f"part {i} of call {c}, ", mutation) for i in range(50)] for c in range(3)]
+    body = chat_stream(calls)
+    matched: list[int] = []
+    match_frames = StreamRepairer._match_frames
+
+    def counted(self: StreamRepairer, chunk: bytes, out: list[bytes]) -> int:
+        matched.append(len(chunk))
+        return match_frames(self, chunk, out)
+
+    monkeypatch.setattr(StreamRepairer, "_match_frames", counted)
+    hits = assert_same("chat_completions", body, None, frame_ends(body))
+    assert hits >= 3 * 48
+    assert len(matched) <= 5 * 3  # the matchers see a few frames of each call (of 50) only
+
+
 @pytest.mark.parametrize("endpoint", sorted(BUILDERS))
 @pytest.mark.parametrize("pieces", [
     ['{"a":', "1}", '{"b":2}', "{}"],  # a second call glued to a complete first one

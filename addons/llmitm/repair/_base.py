@@ -80,6 +80,8 @@ class StreamRepairer:
     _json_every_data = True
     #: the keys whose values make a frame's holes (see ``Shape``); None: no fast path
     _holes: ClassVar[tuple[bytes, ...]] = ()
+    #: the hole whose text a continuation takes (the arguments fragment), as ``Shape`` names it
+    _main: ClassVar[bytes] = b""
     #: the fast path on: tests turn it off to show it changes nothing
     fast_path = True
 
@@ -113,27 +115,46 @@ class StreamRepairer:
     def feed(self, chunk: bytes) -> list[bytes]:
         hot = self._hot
         if hot is not None:
-            # The hottest path: a chunk that is one whole frame of the shape the last chunk
-            # ended with, passing unchanged (see _match_frames: hot means at a frame start, not
-            # passing through, the line ending already the shape's). A shape with one string
-            # hole is matched here, inline; anything else takes the general way below.
+            # The hottest path: a chunk that is one whole frame of a shape the last chunk ended
+            # with (see _match_frames: hot means at a frame start, not passing through, the
+            # line ending already the shape's). A shape with one string hole is matched here,
+            # inline; anything else takes the general way below.
             name = hot.only
+            entry = hot.entry
             if name is None:
-                values = hot.whole(chunk)
-                if values is not None and self._continue(hot.entry.state, values):
-                    return [chunk]
+                match = hot.match(chunk, 0)
+                if match is not None and match[0] == len(chunk):
+                    values = match[1]
+                    if entry.rewrite is None:
+                        if self._continue(entry.state, values):
+                            return [chunk]
+                    else:
+                        applied, written = self._apply(entry, values)
+                        if applied:
+                            return [written]  # type: ignore[list-item]  # applied: rewritten
             else:
                 start = hot.head_size
                 end = len(chunk) - hot.tail_size
-                # Matcher.whole, inline (a call less per frame)
-                if (start <= end and chunk.startswith(hot.head) and chunk.endswith(hot.tail)
-                        and chunk.find(b'"', start, end) < 0 and chunk.find(b"\\", start, end) < 0):
+                # Matcher.match, inline: the text is all between the head and the tail
+                if start <= end and chunk.startswith(hot.head) and chunk.endswith(hot.tail):
                     try:
                         text = chunk[start:end].decode("utf-8")
                     except UnicodeDecodeError:
                         text = "\n"  # not printable: the general way decides
-                    if text.isprintable() and self._continue(hot.entry.state, {name: text}):
-                        return [chunk]
+                    # (str ``in``: cheaper than bytes.find, see _shapes.py)
+                    if ('"' not in text and "\\" not in text and text.isprintable() and (
+                            self._take(entry.state, text) if hot.takes
+                            else self._continue(entry.state, {name: text}))):
+                        rewrite = entry.rewrite
+                        if rewrite is None:
+                            return [chunk]
+                        # A repaired shape (Rewrite.fill, inline): text that is printable and
+                        # holds no quote or backslash is written in JSON as these very bytes.
+                        for repair in entry.notes:
+                            self.repairs[repair] += 1
+                        self.upstream_changed = True
+                        head, tail = rewrite.segments
+                        return [head + chunk[start:end] + tail]
             self._hot = None
         if self.passthrough or not chunk:
             return [chunk] if chunk else []
@@ -213,7 +234,6 @@ class StreamRepairer:
                 if not cont(entry.state, values):
                     break
                 self._eol = entry.eol
-                self._hot = matcher
             else:
                 applied, written = self._apply(entry, values)
                 if not applied:
@@ -223,6 +243,7 @@ class StreamRepairer:
                 out.append(written)  # type: ignore[arg-type]  # applied with a rewrite
                 copied = end
             pos = end
+            self._hot = matcher
         if pos > copied:
             out.append(chunk[copied:pos] if copied or pos < size else chunk)
         return pos
@@ -272,7 +293,7 @@ class StreamRepairer:
             return None
         entry.hits += 1
         if entry.hits == 1 and len(self._matchers) < MAX_MATCHERS and can_match(entry):
-            self._matchers.insert(0, Matcher(entry))
+            self._matchers.insert(0, Matcher(entry, self._main))
         return frame.raw if written is None else written
 
     def _remember(self, frame: Frame, shape: Shape, pieces: list[bytes]) -> None:
@@ -461,5 +482,11 @@ class StreamRepairer:
     def _continue(self, state: Any, values: HoleValues) -> bool:
         """The fast path of a known shape: update the state exactly as ``_event`` would for a
         frame with these hole values, or return False, changing nothing, when the state no
-        longer allows it."""
+        longer allows it. By default: the text of the ``_main`` hole is all that counts."""
+        text = values.get(self._main)
+        return isinstance(text, str) and self._take(state, text)
+
+    def _take(self, state: Any, text: str) -> bool:
+        """``_continue`` for a frame whose only hole value that counts is ``text``, the
+        ``_main`` one (called without building the values on the hottest path)."""
         return False

@@ -215,9 +215,9 @@ class Matcher:
     is matched by a regular expression built from the shape (compiled when first needed)."""
 
     __slots__ = ("_regex", "entry", "head", "head_size", "holes", "names", "only", "tail",
-                 "tail_size")
+                 "tail_size", "takes")
 
-    def __init__(self, entry: ShapeEntry) -> None:
+    def __init__(self, entry: ShapeEntry, main: bytes = b"") -> None:
         self.entry = entry
         self.names = entry.names  # in frame order (shape_of sorts the holes by position)
         self.head = entry.segments[0]
@@ -226,8 +226,9 @@ class Matcher:
         self.tail_size = len(self.tail)
         # the name of a shape's only hole, a string one; None: other shapes
         self.only = self.names[0][0] if len(self.names) == 1 and self.names[0][1] else None
-        # each hole with the bytes that follow it
-        self.holes = tuple((name, is_string, segment) for (name, is_string), segment
+        self.takes = self.only is not None and self.only == main  # that hole is ``main``
+        # each hole with the bytes that follow it, and their length
+        self.holes = tuple((name, is_string, segment, len(segment)) for (name, is_string), segment
                            in zip(self.names, entry.segments[1:], strict=True))
         self._regex: re.Pattern[bytes] | None = None
 
@@ -235,7 +236,7 @@ class Matcher:
     def regex(self) -> re.Pattern[bytes]:
         if self._regex is None:
             parts = [re.escape(self.head)]
-            for _, is_string, segment in self.holes:
+            for _, is_string, segment, _ in self.holes:
                 parts.append(_STRING_GROUP if is_string else _INT_GROUP)
                 parts.append(re.escape(segment))
             self._regex = re.compile(b"".join(parts), re.DOTALL)
@@ -250,16 +251,14 @@ class Matcher:
             return None
         at = pos + self.head_size
         values: HoleValues = {}
-        for name, is_string, segment in self.holes:
+        for name, is_string, segment, size in self.holes:
             if is_string:
                 end = chunk.find(b'"', at)
-                if end < 0 or not chunk.startswith(segment, end):
-                    return self._by_regex(chunk, pos)
-                raw = chunk[at:end]
-                if raw.find(b"\\") >= 0:
+                if (end < 0 or not chunk.startswith(segment, end)
+                        or chunk.find(b"\\", at, end) >= 0):
                     return self._by_regex(chunk, pos)
                 try:
-                    text = raw.decode("utf-8")
+                    text = chunk[at:end].decode("utf-8")
                 except UnicodeDecodeError:
                     return None
                 if not text.isprintable():  # control characters (and rarer ones: U+2028...)
@@ -279,17 +278,8 @@ class Matcher:
                         return None
                     digits = chunk[at:end]
                 values[name] = int(digits)
-            at = end + len(segment)
+            at = end + size
         return at, values
-
-    def whole(self, chunk: bytes) -> HoleValues | None:
-        """The hole values when ``chunk`` is exactly one frame of this shape (the usual chunk of
-        a stream: one frame); None when it is not. (StreamRepairer.feed does this inline for a
-        shape with one string hole: the text is all between the shape's head and tail.)"""
-        if not (chunk.startswith(self.head) and chunk.endswith(self.tail)):
-            return None
-        match = self.match(chunk, 0)
-        return match[1] if match is not None and match[0] == len(chunk) else None
 
     def _by_regex(self, chunk: bytes, pos: int) -> tuple[int, HoleValues] | None:
         match = self.regex.match(chunk, pos)

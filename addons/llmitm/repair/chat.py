@@ -116,6 +116,7 @@ class ChatRepairer(StreamRepairer):
     endpoint = "chat_completions"
     # ``obfuscation``: OpenAI's per-chunk random padding, never read here
     _holes = (b'"arguments":', b'"obfuscation":')
+    _main = _ARGUMENTS
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         super().__init__(request_json)
@@ -191,7 +192,7 @@ class ChatRepairer(StreamRepairer):
             obj["obfuscation"] = values.pop(b"obfuscation")
         return not values
 
-    def _continue(self, state: Any, values: HoleValues) -> bool:
+    def _take(self, state: Any, text: str) -> bool:
         # the conditions under which _event finds this frame a plain continuation of the call
         call: _Call = state.call
         choice: _Choice = state.choice
@@ -203,7 +204,7 @@ class ChatRepairer(StreamRepairer):
         ):
             return False
         # (no test for blank arguments: they were not at admission, and they only grow)
-        call.args.add(values[_ARGUMENTS])  # type: ignore[arg-type]  # a string hole
+        call.args.add(text)
         return True
 
     def _route(

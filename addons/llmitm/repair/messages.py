@@ -42,6 +42,7 @@ class MessagesRepairer(StreamRepairer):
     endpoint = "messages"
     _json_every_data = False  # anthropic-python skips events with empty data
     _holes = (b'"partial_json":',)
+    _main = _PARTIAL_JSON
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         super().__init__(request_json)
@@ -141,12 +142,11 @@ class MessagesRepairer(StreamRepairer):
     def _admits(self, state: Any, values: HoleValues) -> bool:
         return values.get(_PARTIAL_JSON) == state.text
 
-    def _continue(self, state: Any, values: HoleValues) -> bool:
+    def _take(self, state: Any, text: str) -> bool:
         # the conditions under which _event finds this frame a plain delta of the block
         block: _Block = state.block
         if self._blocks.get(state.index) is not block or block.progress.complete:
             return False
-        text: str = values[_PARTIAL_JSON]  # type: ignore[assignment]  # a string hole
         block.args.add(text)
         return True
 

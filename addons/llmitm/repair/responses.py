@@ -68,6 +68,7 @@ class ResponsesRepairer(StreamRepairer):
 
     endpoint = "responses"
     _holes = (b'"delta":', b'"obfuscation":', b'"sequence_number":')
+    _main = _DELTA
 
     def __init__(self, request_json: dict[str, Any] | None = None) -> None:
         super().__init__(request_json)
@@ -228,15 +229,21 @@ class ResponsesRepairer(StreamRepairer):
     def _admits(self, state: Any, values: HoleValues) -> bool:
         return values.get(_DELTA) == state.delta and values.get(_SEQ, state.seq) == state.seq
 
-    def _continue(self, state: Any, values: HoleValues) -> bool:
+    def _take(self, state: Any, text: str) -> bool:
         # the conditions under which _event finds this frame a plain delta of the item
         item: _Item = state.item
         if self._by_id.get(state.item_id) is not item:
             return False
+        self._seq = state.seq
+        item.args.add(text)
+        return True
+
+    def _continue(self, state: Any, values: HoleValues) -> bool:
         text = values[_DELTA]
         assert isinstance(text, str)  # a string hole
-        self._seq = values.get(_SEQ, state.seq)
-        item.args.add(text)
+        if not self._take(state, text):
+            return False
+        self._seq = values.get(_SEQ, state.seq)  # the frame's own, when it is a hole
         return True
 
     def _args_done(self, obj: dict[str, Any]) -> bool:
