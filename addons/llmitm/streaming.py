@@ -4,7 +4,7 @@ mitmproxy accepts one ``flow.response.stream`` callable per flow. Repair, record
 all need to see the streamed bytes, so the streaming addon installs one ``StreamPipeline`` and
 the others add stages (which may rewrite bytes) and taps (which only observe what the client
 receives, in order). A ``ChunkLog`` keeps, for the recorder, what the upstream sent and what the
-client got, in flat buffers (an append to each per chunk).
+client got: the chunks themselves, in lists (an append or two per chunk).
 
 Contract with mitmproxy (see research/mitmproxy.md): the callable is called per upstream chunk
 and once with ``b""`` at the end; it must never return ``b""`` mid-stream (that writes the HTTP/1

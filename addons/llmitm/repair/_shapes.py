@@ -254,14 +254,14 @@ class Matcher:
         for name, is_string, segment, size in self.holes:
             if is_string:
                 end = chunk.find(b'"', at)
-                if (end < 0 or not chunk.startswith(segment, end)
-                        or chunk.find(b"\\", at, end) >= 0):
+                if end < 0 or not chunk.startswith(segment, end):
                     return self._by_regex(chunk, pos)
                 try:
                     text = chunk[at:end].decode("utf-8")
                 except UnicodeDecodeError:
                     return None
-                if not text.isprintable():  # control characters (and rarer ones: U+2028...)
+                # an escape, a control character (or a rarer one: U+2028...): the regex decides
+                if "\\" in text or not text.isprintable():
                     return self._by_regex(chunk, pos)
                 values[name] = text
             else:
