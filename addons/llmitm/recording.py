@@ -127,10 +127,9 @@ SLACK = 64 * 1024
 class StreamCapture:
     """The bytes of one streamed body with their timing, bounded.
 
-    ``add`` per chunk (on the hot path: it only keeps a reference to the chunk and the time);
-    ``body`` and ``ends`` are put together when asked for. ``ends`` holds ``(seconds since start,
-    end offset)`` per chunk (chunks closer than a millisecond to the first of a run are merged),
-    for the first ``limit + SLACK`` bytes.
+    ``add`` per chunk (on the hot path: it only keeps a reference to the chunk and the time), for
+    the first ``limit + SLACK`` bytes; ``raw`` hands them over, and ``joined`` puts the body and
+    its chunk ends together.
     """
 
     __slots__ = ("_chunks", "_clock", "_kept", "_times", "limit", "start", "total")
@@ -158,16 +157,9 @@ class StreamCapture:
         self._kept += size
 
     @property
-    def body(self) -> bytes:
-        return b"".join(self._chunks)
-
-    @property
     def raw(self) -> RawChunks:
+        """The chunks with their times, for ``joined`` (in the recording writer)."""
         return self.start, self._times, self._chunks
-
-    @property
-    def ends(self) -> list[tuple[float, int]]:
-        return joined(self.raw)[1]
 
 
 # A streamed body as taken on the hot path: (start, arrival times, the chunks), handed over as

@@ -109,13 +109,13 @@ class StreamPipeline:
             return self._end()
         piece = data
         pieces = out = None
-        stage = None
+        stage = several = None
         try:
             # while every stage returns one piece, hand it on without building lists
             for stage in self._chain:
                 out = stage.feed(piece)
                 if len(out) != 1:
-                    pieces = self._through(self.stages.index(stage) + 1, out) if out else []
+                    several = stage
                     break
                 piece = out[0]
         except Exception:
@@ -123,7 +123,10 @@ class StreamPipeline:
             index = self.stages.index(stage)
             # the stages after it (indexes moved down by the detach)
             pieces = self._through(index, self._detach(stage, [piece]))
-        if pieces is None:  # one piece: the last stage's own list is handed on
+        if several is not None:  # none or several pieces: the general way for the rest
+            assert out is not None
+            pieces = self._through(self.stages.index(several) + 1, out) if out else []
+        elif pieces is None:  # one piece: the last stage's own list is handed on
             pieces = (out if out is not None else [piece]) if piece else []
         log = self.log
         if log is not None and log.room > 0:

@@ -34,6 +34,7 @@ from llmitm.recording import (
     UPSTREAM_ORIGINAL_BODY,
     UPSTREAM_ORIGINAL_TIMING,
     StreamCapture,
+    joined,
     recording_name,
     safe_session,
     timing_of,
@@ -463,8 +464,9 @@ def test_capture_and_timing_helpers() -> None:
     cap = StreamCapture(limit=4, start=0.0, clock=clock)
     for chunk in (b"ab", b"cd", b"ef"):
         cap.add(chunk)
-    assert cap.ends == [(0.0, 2), (0.5, 6)]  # chunks within a millisecond are merged
-    assert cap.body == b"abcdef"  # kept up to limit + SLACK (cut after redaction)
+    body, ends = joined(cap.raw)
+    assert ends == [(0.0, 2), (0.5, 6)]  # chunks within a millisecond are merged
+    assert body == b"abcdef"  # kept up to limit + SLACK (cut after redaction)
     assert timing_of([(0.1, 3), (0.2, 6)], [3, 6], 4) == [[0.1, 3], [0.2, 1]]
     secrets = SecretSet(["secret-123456"])
     data = b"aa secret-123456 bb"

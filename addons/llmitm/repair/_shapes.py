@@ -16,10 +16,12 @@ shape are therefore the same JSON value except for the hole values, and, since t
 CR or LF, the same SSE frame. Hole values are decoded as JSON would, so invalid text (bad escapes,
 control characters, invalid UTF-8) leaves the fast path.
 
-A shape seen more than once also gets a regular expression (``Matcher``) that recognises whole
-frames of it in a chunk, so that such frames skip even the SSE parser. That is written by hand
-because no library parses "this JSON text with those values changed" faster than one C regex
-match; ``json`` and SSE parsers would redo the whole frame.
+A shape seen more than once also gets a ``Matcher`` that recognises whole frames of it in a
+chunk, so that such frames skip even the SSE parser: it compares the shape's bytes around the
+holes (``startswith``/``find``) and decodes the hole text, falling back to a regular expression
+built from the shape for text with escapes. That is written by hand because no library parses
+"this JSON text with those values changed" without redoing the whole frame, as ``json`` and SSE
+parsers would.
 
 Substring tests on ``bytes`` on the hot paths are written ``b.find(x) >= 0``, not ``x in b``:
 CPython's ``bytes.__contains__`` first tries ``x`` as an integer, raising and clearing a

@@ -126,7 +126,6 @@ class ChatRepairer(StreamRepairer):
         self._active = False  # a tool call has been seen: look at every chunk from now on
         self._stream_id = ""
         self._template: dict[str, Any] = {}
-        self._template_id: str | None = None  # its "id", for the fast path
         self._usage: Any = None
 
     def _wants(self, frame: Frame) -> bool:
@@ -140,7 +139,6 @@ class ChatRepairer(StreamRepairer):
         if isinstance(chunk_id, str) and chunk_id and chunk_id != self._template.get("id"):
             if not self._stream_id:
                 self._stream_id = chunk_id
-            self._template_id = chunk_id
             self._template = {
                 k: obj[k] for k in ("id", "object", "created", "model", "system_fingerprint")
                 if k in obj
@@ -200,7 +198,7 @@ class ChatRepairer(StreamRepairer):
             (choice.by_upstream.get(state.up) if state.up is not None else choice.calls[-1])
             is not call
             or call.progress.complete
-            or (state.chunk_id is not None and self._template_id != state.chunk_id)
+            or (state.chunk_id is not None and self._template.get("id") != state.chunk_id)
         ):
             return False
         # (no test for blank arguments: they were not at admission, and they only grow)

@@ -239,9 +239,8 @@ class ResponsesRepairer(StreamRepairer):
         return True
 
     def _continue(self, state: Any, values: HoleValues) -> bool:
-        text = values[_DELTA]
-        assert isinstance(text, str)  # a string hole
-        if not self._take(state, text):
+        text = values.get(_DELTA)
+        if not isinstance(text, str) or not self._take(state, text):
             return False
         self._seq = values.get(_SEQ, state.seq)  # the frame's own, when it is a hole
         return True
